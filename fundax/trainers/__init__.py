@@ -1,0 +1,1 @@
+"""Jobs: `run(config, workdir)` functions that are short sequences of library calls."""

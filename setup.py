@@ -1,0 +1,49 @@
+"""fundax: text-to-fundus latent diffusion in JAX/Flax that improves itself from feedback."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6,<0.12",
+    "flax>=0.10,<0.14",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11,<0.14",
+    "ml_collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "scipy>=1.11,<2",
+    "scikit-image>=0.24,<0.30",
+    "pillow>=10,<14",
+    "tensorflow-datasets>=4.9.7,<5",
+    "array_record>=0.7,<0.10",
+    "grain>=0.2.10,<0.3",
+    "transformers>=4.50,<6",
+    "tokenizers>=0.20,<0.30",
+    "safetensors>=0.4,<0.8",
+    "matplotlib>=3.8,<4",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS = {
+    # Tests: PyTorch reference models for parity (CPU build pinned; an unpinned torch pulls CUDA).
+    "test": [
+        "pytest>=8,<10",
+        "torch==2.13.0",
+        "diffusers>=0.30,<1",
+    ],
+    # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on a CPU host).
+    "tpu": ["jax[tpu]>=0.6,<0.12"],
+}
+
+setup(
+    name="fundax",
+    version="0.1.0",
+    description="Synthetic colour fundus photographs from clinical text, with JAX/Flax latent "
+    "diffusion and a human-feedback self-improvement loop.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fundax", "fundax.*"]),
+    package_data={"fundax": ["data/vocab/*.txt"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["fundax=fundax.cli:main"]},
+)

@@ -1,0 +1,83 @@
+"""Config loading, overrides and their errors; every config file loads."""
+
+import pathlib
+
+import ml_collections
+import pytest
+
+from fundax import configlib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+# (file, variant) pairs: every config file with each of its variants.
+ALL_CONFIGS = [
+    ("main.py", None), ("main.py", "tiny"),
+    ("data.py", None), ("data.py", "phantom_tiny"), ("data.py", "phantom_512"),
+    ("data.py", "eyepacs"), ("data.py", "odir5k"),
+]
+
+
+def test_every_config_file_is_listed():
+  files = {p.name for p in CONFIG_DIR.glob("*.py")}
+  assert files == {name for name, _ in ALL_CONFIGS}
+
+
+@pytest.mark.parametrize("name,arg", ALL_CONFIGS)
+def test_configs_load_locked(name, arg):
+  spec = str(CONFIG_DIR / name) + (f":{arg}" if arg else "")
+  config = configlib.load_config(spec)
+  assert isinstance(config, ml_collections.ConfigDict)
+  with pytest.raises(AttributeError):
+    config.not_a_field = 1  # locked: new fields are refused
+
+
+def test_config_found_relative_to_repo(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # not the repo: falls back to the checkout's configs/
+  assert configlib.load_config("configs/main.py:tiny").data.resolution == 64
+
+
+def test_overrides_apply_with_types():
+  config = configlib.load_config("configs/main.py:tiny")
+  configlib.apply_overrides(config, ["data.resolution=96", "data.with_masks=False",
+                                     "data.data_dir=/tmp/x", "seed=3"])
+  assert config.data.resolution == 96 and config.data.with_masks is False
+  assert config.data.data_dir == "/tmp/x" and config.seed == 3
+
+
+def test_float_field_accepts_int_literal():
+  config = ml_collections.ConfigDict({"lr": 0.1})
+  configlib.apply_overrides(config, ["lr=1"])
+  assert config.lr == 1.0 and isinstance(config.lr, float)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.resolutin=96", "no field 'data.resolutin'"),
+    ("nope.x=1", "no field 'nope'"),
+    ("data.resolution=big", "data.resolution=big"),
+    ("data.resolution", "must look like"),
+])
+def test_bad_overrides_fail_clearly(override, message):
+  config = configlib.load_config("configs/main.py:tiny")
+  before = config.to_dict()
+  with pytest.raises(configlib.ConfigError, match=message):
+    configlib.apply_overrides(config, [override])
+  assert config.to_dict() == before
+
+
+def test_split_config_args():
+  rest, overrides = configlib.split_config_args(
+      ["main", "--config.a.b=1", "--workdir", "w", "--config.c", "x y"])
+  assert rest == ["main", "--workdir", "w"]
+  assert overrides == ["a.b=1", "c=x y"]
+  with pytest.raises(configlib.ConfigError, match="needs a value"):
+    configlib.split_config_args(["--config.a"])
+
+
+def test_missing_config_file_named():
+  with pytest.raises(FileNotFoundError, match="configs/nothere.py"):
+    configlib.load_config("configs/nothere.py")
+
+
+def test_unknown_variant_raises():
+  with pytest.raises(ValueError, match="variants"):
+    configlib.load_config("configs/main.py:huge")
