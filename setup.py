@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.8",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
+    # tensorflow-datasets imports it for builders defined in packages but declares it only for
+    # Python < 3.9.
+    "importlib_resources>=5",
 ]
 
 EXTRAS = {
@@ -28,7 +31,10 @@ EXTRAS = {
         "pytest>=8,<10",
         "torch==2.13.0",
         "diffusers>=0.30,<1",
+        "openpyxl>=3.1,<4",
     ],
+    # Reading ODIR-5K's original .xlsx annotation (a CSV export needs nothing extra).
+    "odir": ["openpyxl>=3.1,<4"],
     # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on a CPU host).
     "tpu": ["jax[tpu]>=0.6,<0.12"],
 }
@@ -42,7 +48,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fundax", "fundax.*"]),
-    package_data={"fundax": ["data/vocab/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fundax=fundax.cli:main"]},

@@ -1,0 +1,84 @@
+"""The `fundax` command line end to end on the tiny phantom, and its bad-input behaviour."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fundax import cli
+
+
+def test_help_lists_subcommands():
+  out = subprocess.run([sys.executable, "-m", "fundax.cli", "--help"], capture_output=True,
+                       text=True, check=True).stdout
+  for command in ("main", "data"):
+    assert command in out
+  out = subprocess.run([sys.executable, "-m", "fundax.cli", "data", "--help"],
+                       capture_output=True, text=True, check=True).stdout
+  for action in ("build", "preview", "stats"):
+    assert action in out
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("main")
+  rc = cli.main(["main", "--config", "configs/main.py:tiny", "--workdir", str(workdir),
+                 "--config.data.num_train=12", "--config.preview.num_images=6"])
+  assert rc == 0
+  return workdir
+
+
+def test_main_job_writes_dataset_stats_and_preview(main_run, capsys):
+  stats = json.loads((main_run / "data_stats.json").read_text())
+  assert stats["build"]["splits"] == {"train": 12, "validation": 8, "test": 8}
+  assert stats["stats"]["splits"]["train"]["num_examples"] == 12
+  grid = np.asarray(Image.open(main_run / "preview.png"))
+  # 6 tiles of 256 px in rows of 4: two rows of images plus captions and a banner.
+  assert grid.shape[1] == 4 * 256 and grid.shape[0] > 2 * 256
+  # The synthetic stamp is drawn in its red on the first tile.
+  red = (grid[..., 0] == 170) & (grid[..., 1] == 0) & (grid[..., 2] == 0)
+  assert red.sum() > 100
+
+
+def test_main_job_rerun_reuses_dataset(main_run):
+  before = sorted(p.stat().st_mtime_ns for p in (main_run / "data").rglob("*.array_record*"))
+  assert before
+  assert cli.main(["main", "--config", "configs/main.py:tiny", "--workdir", str(main_run),
+                   "--config.data.num_train=12", "--config.preview.num_images=6"]) == 0
+  after = sorted(p.stat().st_mtime_ns for p in (main_run / "data").rglob("*.array_record*"))
+  assert before == after
+
+
+def test_data_commands(main_run, tmp_path, capsys):
+  data_dir = str(main_run / "data")
+  common = ["--config", "configs/data.py:phantom_tiny", "--data-dir", data_dir,
+            "--config.data.num_train=12"]
+  assert cli.main(["data", "stats", *common]) == 0
+  stats = json.loads(capsys.readouterr().out)
+  assert stats["splits"]["validation"]["num_examples"] == 8
+  out = tmp_path / "grid.png"
+  assert cli.main(["data", "preview", *common, "--out", str(out), "--num-images", "3"]) == 0
+  assert Image.open(out).size[0] == 3 * 256
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.data.resolutin=3"], "no field 'data.resolutin'"),
+    (["--config.data.resolution=big"], "data.resolution=big"),
+    (["--config", "configs/missing.py"], "configs/missing.py"),
+])
+def test_bad_config_fails_before_work(tmp_path, capsys, args, message):
+  workdir = tmp_path / "w"
+  rc = cli.main(["main", "--workdir", str(workdir), *args])
+  assert rc == 2
+  assert message in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_stats_on_unbuilt_dataset_names_it(tmp_path, capsys):
+  rc = cli.main(["data", "stats", "--config", "configs/data.py:phantom_tiny",
+                 "--data-dir", str(tmp_path)])
+  assert rc == 2
+  assert "not built" in capsys.readouterr().err
