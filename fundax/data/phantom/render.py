@@ -1,0 +1,131 @@
+"""Rendering of a phantom case at a chosen resolution: the image, its masks, labels and record.
+
+`render(case, resolution)` draws the layers in the order light meets them in a photograph
+(background and macula, atrophy and drusen, disc, exudates, veins, arteries, new vessels,
+haemorrhages, cotton-wool spots), then illumination fall-off, the black surround, the quality
+defects and a little sensor noise. `generate(seed, resolution, **constraints)` is sample + render.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from fundax.data import labels as labels_lib
+from fundax.data.phantom import anatomy
+from fundax.data.phantom import case as case_lib
+from fundax.data.phantom import lesions
+from fundax.data.phantom import quality
+from fundax.data.phantom import raster
+from fundax.data.phantom import vessels
+
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 1024
+# Masks every sample carries: anatomy, the union of all lesions, then one mask per lesion kind.
+MASK_NAMES = (("fov", "vessels", "arteries", "veins", "disc", "cup", "lesions") +
+              lesions.LESION_MASKS)
+# Per-channel absorbance of blood columns: veins carry darker, deoxygenated blood.
+VEIN_ABSORBANCE = np.array([0.12, 0.6, 0.5], np.float32)
+ARTERY_ABSORBANCE = np.array([0.04, 0.32, 0.27], np.float32)
+ARTERY_REFLEX = 0.12  # central light reflex of arteries (fraction of the pixel brightened)
+SENSOR_NOISE = 0.008  # per-pixel noise std, display units
+OPTICAL_BLUR = 0.0022  # point-spread width of a good fundus camera, normalised units
+# Blob findings in drawing order (deep to superficial); vascular lesions go between them.
+_DEEP = ("geographic_atrophy", "drusen", "pigment_change")
+_SUPERFICIAL = ("microaneurysms", "dot_blot_haemorrhages", "flame_haemorrhages",
+                "disc_haemorrhage", "cotton_wool_spots")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSample:
+  """One rendered phantom photograph with its ground truth."""
+
+  image: np.ndarray  # uint8 [H, W, 3]
+  masks: dict[str, np.ndarray]  # MASK_NAMES -> bool [H, W]
+  labels: labels_lib.FundusLabels
+  record: dict[str, Any]  # JSON-serialisable: every parameter, lesion positions, labels
+
+
+def _check_resolution(resolution):
+  if not (isinstance(resolution, (int, np.integer)) and
+          MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
+    raise ValueError(f"resolution must be an int in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], "
+                     f"got {resolution!r}")
+
+
+def render(case: case_lib.Case, resolution: int) -> PhantomSample:
+  """Draws a case.
+
+  Args:
+    case: from sample_case.
+    resolution: image side length in pixels, 64 to 1024.
+
+  Returns:
+    The PhantomSample.
+
+  Raises:
+    ValueError: for a resolution outside [64, 1024].
+  """
+  _check_resolution(resolution)
+  info, geo = case.params, case.geometry
+  masks = {}
+  img = anatomy.background(geo, info["pigmentation"], info["tessellation"], list(case.texture),
+                           resolution)
+  choroid = None
+  if len(case.blobs["geographic_atrophy"]):  # the same choroid that shows as tessellation
+    choroid = np.clip(1.0 - 3.0 * np.abs(raster.smooth_noise(case.texture[-1], resolution)), 0, 1)
+  for f in _DEEP:
+    img, masks[f] = lesions.draw_blobs(img, f, case.blobs[f], resolution, choroid)
+  img, masks["disc"], masks["cup"], veil = anatomy.draw_disc(
+      img, geo, info["cup"], info["papilloedema"], resolution)
+  img, masks["hard_exudates"] = lesions.draw_blobs(img, "hard_exudates",
+                                                   case.blobs["hard_exudates"], resolution)
+  hide = (1.0 - veil)[..., None]  # vessels dive into the cup / under a swollen margin
+  vein_op, masks["veins"] = vessels.draw(case.veins, resolution)
+  art_op, masks["arteries"] = vessels.draw(case.arteries, resolution)
+  img = img * np.exp(-(vein_op[..., None] * VEIN_ABSORBANCE +
+                       art_op[..., None] * ARTERY_ABSORBANCE) * hide)
+  if art_op.max() > 0.9:
+    # the reflex shows only along the axis of arteries wide enough to be fully opaque there
+    img = img * (1 + ARTERY_REFLEX * np.clip(art_op - 0.9, 0, 1)[..., None] * 10 * hide)
+  for f in case_lib.SEGMENT_FINDINGS:
+    img, masks[f] = lesions.draw_vascular(img, case.segments[f], resolution)
+  for f in _SUPERFICIAL:
+    img, masks[f] = lesions.draw_blobs(img, f, case.blobs[f], resolution)
+  img = raster.blur(img, OPTICAL_BLUR, resolution)
+  img, fov = anatomy.vignette(img, geo, info["vignetting"], resolution)
+  img = quality.apply_defects(img, fov, case.defects, geo.fov_radius, resolution)
+  noise_rng = np.random.default_rng([*info["tree_seeds"], resolution])
+  img = img + SENSOR_NOISE * noise_rng.standard_normal(img.shape, np.float32) * fov[..., None]
+  image = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+  return PhantomSample(image=image, masks=_masks(masks, fov), labels=case.labels(),
+                       record=case.record() | {"resolution": int(resolution)})
+
+
+def _masks(drawn: dict[str, np.ndarray], fov: np.ndarray) -> dict[str, np.ndarray]:
+  out = {"fov": fov}
+  for name in ("arteries", "veins", "disc", "cup"):
+    out[name] = drawn[name] & fov
+  out["vessels"] = out["arteries"] | out["veins"]
+  for name in lesions.LESION_MASKS:
+    out[name] = np.zeros_like(fov)
+  for finding, name in lesions.MASK_OF.items():
+    out[name] = out[name] | (drawn[finding] & fov)
+  out["lesions"] = np.logical_or.reduce([out[n] for n in lesions.LESION_MASKS])
+  return {name: out[name] for name in MASK_NAMES}
+
+
+def generate(seed: int, resolution: int = 128, **constraints) -> PhantomSample:
+  """Samples a case from `np.random.default_rng(seed)` and renders it.
+
+  Args:
+    seed: case seed; the same seed and constraints give the same eye at every resolution.
+    resolution: image side length, 64 to 1024.
+    **constraints: see case.sample_case.
+
+  Returns:
+    The PhantomSample.
+  """
+  _check_resolution(resolution)
+  return render(case_lib.sample_case(np.random.default_rng(seed), **constraints), resolution)
