@@ -69,6 +69,20 @@ def cmd_data_stats(args, overrides):
   print(json.dumps(datasets.stats_from_config(config.data), indent=2))
 
 
+def cmd_convert(args, overrides):
+  del overrides
+  from fundax.interop import convert  # pylint: disable=g-import-not-at-top
+  summary = convert.convert(args.kind, args.src, args.dst, overwrite=args.overwrite)
+  print(json.dumps(summary, indent=2))
+
+
+def cmd_export(args, overrides):
+  del overrides
+  from fundax.interop import convert  # pylint: disable=g-import-not-at-top
+  summary = convert.export_diffusers(args.checkpoint, args.dst)
+  print(json.dumps(summary, indent=2))
+
+
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="fundax",
@@ -98,6 +112,19 @@ def make_parser() -> argparse.ArgumentParser:
       p.add_argument("--num-images", type=int, default=16)
       p.add_argument("--columns", type=int, default=4)
     p.set_defaults(func=func)
+
+  p = sub.add_parser("convert", help="Hugging Face BERT / diffusers VAE or UNet -> fundax params")
+  p.add_argument("kind", choices=("bert", "vae", "unet"))
+  p.add_argument("src", help="source checkpoint directory")
+  p.add_argument("dst", help="fundax params directory to write")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+  p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("export", help="fundax params -> another ecosystem's layout")
+  p.add_argument("format", choices=("diffusers",))
+  p.add_argument("checkpoint", help="fundax params directory (kind vae or unet)")
+  p.add_argument("dst", help="directory to write")
+  p.set_defaults(func=cmd_export)
   return parser
 
 
@@ -113,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     args.func(args, overrides)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
     # Bad input (missing file, invalid config or value): one clear line and a non-zero exit;
     # --verbose keeps the traceback for debugging.
     if args.verbose:

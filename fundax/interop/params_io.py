@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-KINDS = ("bert", "vae", "unet")
+KINDS = ("bert", "vae", "unet", "evaluator", "selector")
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 # Keys of config.json written by save_params itself; `extra` may not override them.
