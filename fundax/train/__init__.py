@@ -1,0 +1,1 @@
+"""Train state, optimizers, pure `*_step` functions and loop helpers."""
