@@ -14,10 +14,11 @@ workdir/checkpoints/<step>/
 
 Saving is asynchronous (the step loop continues while arrays are written) and keeps the last
 N steps. Orbax writes each step into a temporary directory and renames it when complete, so
-an interrupted save never shows up as a step. A step that is visible but fails to restore is
-therefore damage, not an interruption: `restore_or_init` raises `CheckpointError` naming the
-step directory instead of silently falling back to an older step (which would hide the damage
-and repeat work); delete the directory to resume from the previous step.
+an interrupted save never shows up as a step. A step that is visible but fails to restore
+(damaged files, a partial copy) makes `restore_or_init` fall back to the previous step with a
+WARNING naming the damaged directory, so a preempted job still resumes; only when no step of
+the workdir restores does it raise `CheckpointError`. A step written for a different model or
+optimizer is not damage: that raises ValueError naming the first differing leaf.
 
 Resume order in `restore_or_init`: (1) the latest step in the workdir (a restarted job),
 (2) an explicit resume path (another run's checkpoint), (3) params-only init (e.g. converted
@@ -186,8 +187,7 @@ def _restore(manager: ocp.CheckpointManager, directory: str, step: int,
     restored = manager.restore(step, directory=directory, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types for damaged files; all mean the same here.
     raise CheckpointError(
-        f"cannot restore checkpoint step {step_dir}: {type(e).__name__}: {e}. If the step is "
-        "damaged, delete that directory to resume from the previous step.") from e
+        f"cannot restore checkpoint step {step_dir}: {type(e).__name__}: {e}") from e
   return {name: restored[name] for name in items}
 
 
@@ -319,15 +319,14 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: Any,
 
   Raises:
     FileNotFoundError: the resume path does not exist.
-    CheckpointError: a checkpoint exists but cannot be restored, or the resume path holds
-      none; the message names the directory.
+    CheckpointError: no step of the workdir can be restored (damaged steps are skipped
+      with a warning), or the resume path holds none; the message names the directories.
     ValueError: the checkpoint's state, or the params from params_init, do not match
       `abstract_state` (naming the first differing path).
   """
-  step = manager.latest_step()
-  if step is not None:
-    directory, source = os.fspath(manager.directory), "workdir"
-  elif resume_path is not None:
+  if manager.latest_step() is not None:
+    return _restore_latest_good(manager, abstract_state)
+  if resume_path is not None:
     directory, step = _find_step(resume_path)
     source = "resume"
   elif params_init is not None:
@@ -339,3 +338,22 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: Any,
   restored = _restore(manager, directory, step, abstract_state)
   log.info("restored the state from %s: step %d of %s", source, step, directory)
   return restored[STATE], restored[EXTRAS], source
+
+
+def _restore_latest_good(manager: ocp.CheckpointManager,
+                         abstract_state: Any) -> tuple[Any, dict, str]:
+  """Restores the newest step of the workdir that is intact, warning about damaged ones."""
+  directory = os.fspath(manager.directory)
+  errors = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = _restore(manager, directory, step, abstract_state)
+    except CheckpointError as e:
+      log.warning("checkpoint step %s is damaged; falling back to the previous step (%s)",
+                  os.path.join(directory, str(step)), e)
+      errors.append(str(e))
+      continue
+    log.info("restored the state from workdir: step %d of %s", step, directory)
+    return restored[STATE], restored[EXTRAS], "workdir"
+  raise CheckpointError(f"no checkpoint step in {directory} could be restored: "
+                        + " | ".join(errors))

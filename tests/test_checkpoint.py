@@ -216,9 +216,33 @@ def test_keep_n_and_save_interval(tmp_path, trainer):
     assert manager.all_steps() == [1, 2, 4]
 
 
+def _damage(step_dir):
+  """Overwrites the array data of a step, leaving its metadata in place."""
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      if name not in ("_METADATA", "commit_success.txt", "_sharding"):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+
+
+def test_damaged_latest_step_falls_back_with_warning(tmp_path, trainer, caplog):
+  abstract, init, _ = trainer
+  _save(tmp_path, init(), step=1, extras={"step": 1})
+  _save(tmp_path, init(), step=2, extras={"step": 2})
+  ckpt_dir = tmp_path / "checkpoints"
+  _damage(ckpt_dir / "2")
+  with caplog.at_level("WARNING"):
+    _, extras, source = _restore(tmp_path, abstract, init)
+  assert source == "workdir" and extras["step"] == 1  # step 1's extras: the fallback
+  assert f"checkpoint step {ckpt_dir / '2'} is damaged" in caplog.text
+  # With every step damaged, the error names them.
+  _damage(ckpt_dir / "1")
+  with pytest.raises(checkpoint.CheckpointError, match=f"step {ckpt_dir / '1'}"):
+    _restore(tmp_path, abstract, init)
+
+
 def test_damaged_step_is_named_incomplete_is_ignored(tmp_path, trainer):
   abstract, init, _ = trainer
-  _save(tmp_path, init(), step=1)
   _save(tmp_path, init(), step=2)
   ckpt_dir = tmp_path / "checkpoints"
   # An interrupted save leaves a temporary directory, which is not a step.
@@ -226,12 +250,9 @@ def test_damaged_step_is_named_incomplete_is_ignored(tmp_path, trainer):
   shutil.rmtree(ckpt_dir / "3.orbax-checkpoint-tmp-1234" / "state" / "d")
   state, _, source = _restore(tmp_path, abstract, init)
   assert source == "workdir"
-  # A complete-looking step with damaged array data is an error naming the step directory.
-  for root, _, files in os.walk(ckpt_dir / "2" / "state"):
-    for name in files:
-      if name not in ("_METADATA", "commit_success.txt", "_sharding"):
-        with open(os.path.join(root, name), "wb") as f:
-          f.write(b"garbage")
+  # A complete-looking step with damaged array data (and no older step) is an error naming
+  # the step directory.
+  _damage(ckpt_dir / "2")
   with pytest.raises(checkpoint.CheckpointError, match=f"step {ckpt_dir / '2'}"):
     _restore(tmp_path, abstract, init)
 
