@@ -23,6 +23,11 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets imports it for builders defined in packages but declares it only for
     # Python < 3.9.
     "importlib_resources>=5",
+    # The feedback app (fundax.feedback): web server and rating store.
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "python-multipart>=0.0.9,<0.1",
+    "sqlalchemy>=2.0,<3",
 ]
 
 EXTRAS = {
@@ -32,7 +37,14 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.30,<1",
         "openpyxl>=3.1,<4",
+        "httpx>=0.27,<1",
+        "playwright>=1.45,<2",  # drives Debian's chromium; never downloads a browser
+        "schemathesis>=4,<5",
+        "hypothesis>=6,<7",
+        "psycopg[binary]>=3.1,<4",
     ],
+    # A PostgreSQL server as the feedback store (a SQLite file needs nothing extra).
+    "postgres": ["psycopg[binary]>=3.1,<4"],
     # Reading ODIR-5K's original .xlsx annotation (a CSV export needs nothing extra).
     "odir": ["openpyxl>=3.1,<4"],
     # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on a CPU host).
