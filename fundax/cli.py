@@ -83,6 +83,32 @@ def cmd_export(args, overrides):
   print(json.dumps(summary, indent=2))
 
 
+def cmd_feedback(args, overrides):
+  del overrides
+  # pylint: disable=g-import-not-at-top
+  from fundax.feedback import app, export, importer, simulate
+  action = args.feedback_command
+  if action == "import":
+    count = importer.import_run(args.run_dir, args.db, media=args.media)
+    print(f"imported {count} new candidates from {args.run_dir} into {args.db}")
+  elif action == "demo-run":
+    path = importer.write_phantom_run(args.run_dir, num_prompts=args.num_prompts,
+                                      per_prompt=args.per_prompt, seed=args.seed)
+    print(f"demo run (phantom candidates): {path}")
+  elif action == "add-rater":
+    token = app.create_rater(args.db, args.name, is_admin=args.admin, weight=args.weight)
+    print(f"rater {args.name}: token {token}")
+  elif action == "simulate":
+    counts = simulate.simulate(args.db, seed=args.seed)
+    print(f"simulated raters wrote {counts['ratings']} ratings and {counts['pairs']} pairs "
+          f"into {args.db}")
+  elif action == "export":
+    lines = export.export_jsonl(args.db, args.out, include_simulated=not args.humans_only)
+    print(f"ratings dataset ({lines} lines): {args.out}")
+  elif action == "serve":
+    app.serve(args.db, host=args.host, port=args.port, secure_cookie=args.secure_cookie)
+
+
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="fundax",
@@ -112,6 +138,37 @@ def make_parser() -> argparse.ArgumentParser:
       p.add_argument("--num-images", type=int, default=16)
       p.add_argument("--columns", type=int, default=4)
     p.set_defaults(func=func)
+
+  feedback = sub.add_parser("feedback", help="the human-feedback rating app and its database")
+  fb = feedback.add_subparsers(dest="feedback_command", metavar="ACTION", required=True)
+  db_help = "SQLite file or SQLAlchemy URL of the rating database"
+  p = fb.add_parser("import", help="register a run's candidates (RUN_DIR/candidates.jsonl)")
+  p.add_argument("run_dir")
+  p.add_argument("--db", required=True, help=db_help)
+  p.add_argument("--media", help="media root for a new database (default: RUN_DIR's parent)")
+  p = fb.add_parser("demo-run", help="write a run of phantom candidates to rate (a demo)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-prompts", type=int, default=4)
+  p.add_argument("--per-prompt", type=int, default=4)
+  p.add_argument("--seed", type=int, default=0)
+  p = fb.add_parser("add-rater", help="create a rater account and print its token")
+  p.add_argument("name")
+  p.add_argument("--db", required=True, help=db_help)
+  p.add_argument("--admin", action="store_true", help="may see the admin page and export")
+  p.add_argument("--weight", type=float, default=1.0, help="the rater's weight in training")
+  p = fb.add_parser("simulate", help="ratings from simulated raters (phantom ground truth)")
+  p.add_argument("--db", required=True, help=db_help)
+  p.add_argument("--seed", type=int, default=0)
+  p = fb.add_parser("export", help="write the ratings dataset (JSONL) the Selector reads")
+  p.add_argument("--db", required=True, help=db_help)
+  p.add_argument("--out", required=True, help="JSONL file to write")
+  p.add_argument("--humans-only", action="store_true", help="leave simulated ratings out")
+  p = fb.add_parser("serve", help="run the rating web app")
+  p.add_argument("--db", required=True, help=db_help)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--secure-cookie", action="store_true", help="when served behind HTTPS")
+  feedback.set_defaults(func=cmd_feedback)
 
   p = sub.add_parser("convert", help="Hugging Face BERT / diffusers VAE or UNet -> fundax params")
   p.add_argument("kind", choices=("bert", "vae", "unet"))

@@ -14,7 +14,7 @@ from fundax import cli
 def test_help_lists_subcommands():
   out = subprocess.run([sys.executable, "-m", "fundax.cli", "--help"], capture_output=True,
                        text=True, check=True).stdout
-  for command in ("main", "data"):
+  for command in ("main", "data", "convert", "export", "feedback"):
     assert command in out
   out = subprocess.run([sys.executable, "-m", "fundax.cli", "data", "--help"],
                        capture_output=True, text=True, check=True).stdout
@@ -82,3 +82,30 @@ def test_stats_on_unbuilt_dataset_names_it(tmp_path, capsys):
                  "--data-dir", str(tmp_path)])
   assert rc == 2
   assert "not built" in capsys.readouterr().err
+
+
+def test_feedback_commands_end_to_end(tmp_path, capsys):
+  db = str(tmp_path / "ratings.sqlite")
+  run = tmp_path / "runs" / "demo"
+  assert cli.main(["feedback", "demo-run", str(run), "--num-prompts", "2",
+                   "--per-prompt", "2"]) == 0
+  assert cli.main(["feedback", "import", str(run), "--db", db]) == 0
+  assert "imported 4 new candidates" in capsys.readouterr().out
+  assert cli.main(["feedback", "import", str(run), "--db", db]) == 0  # idempotent
+  assert "imported 0 new candidates" in capsys.readouterr().out
+  assert cli.main(["feedback", "add-rater", "dr_a", "--db", db, "--admin"]) == 0
+  assert "token" in capsys.readouterr().out
+  assert cli.main(["feedback", "simulate", "--db", db]) == 0
+  out = tmp_path / "ratings.jsonl"
+  assert cli.main(["feedback", "export", "--db", db, "--out", str(out)]) == 0
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  ratings = [r for r in lines if r.get("kind") == "rating"]
+  assert ratings and all(r["simulated"] for r in ratings)
+  assert cli.main(["feedback", "export", "--db", db, "--out", str(out), "--humans-only"]) == 0
+  assert out.read_text() == ""
+
+
+def test_feedback_import_missing_run_is_named(tmp_path, capsys):
+  assert cli.main(["feedback", "import", str(tmp_path / "nothere"),
+                   "--db", str(tmp_path / "r.sqlite")]) == 2
+  assert "nothere" in capsys.readouterr().err
