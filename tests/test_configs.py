@@ -14,6 +14,9 @@ ALL_CONFIGS = [
     ("main.py", None), ("main.py", "tiny"),
     ("data.py", None), ("data.py", "phantom_tiny"), ("data.py", "phantom_512"),
     ("data.py", "eyepacs"), ("data.py", "odir5k"),
+    ("vae.py", None), ("vae.py", "tiny"), ("ldm.py", None), ("ldm.py", "tiny"),
+    ("selector.py", None), ("selector.py", "tiny"), ("selector.py", "eyeq"),
+    ("evaluator.py", None), ("evaluator.py", "tiny"),
 ]
 
 

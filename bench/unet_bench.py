@@ -1,0 +1,446 @@
+"""fundax's Flax UNet next to diffusers' PyTorch UNet2DConditionModel, same weights, float32.
+
+    python bench/unet_bench.py --size S          # writes bench/results/unet_S.json
+    python bench/unet_bench.py --size M          # writes bench/results/unet_M.json
+    python bench/unet_bench.py --size S --quick  # smoke run: few iterations, writes nothing
+
+What one run does:
+  1. A PyTorch worker process builds diffusers' UNet2DConditionModel after `torch.manual_seed`
+     (timed: "construction"), saves it with `save_pretrained` and writes its forward output on
+     the benchmark batch.
+  2. A JAX worker process imports that directory with `fundax.interop.diffusers.import_unet`
+     (timed with the transfer to the device: "params"), compiles the jitted forward and the
+     jitted, donating train step ahead of time (each timed), and checks its forward output
+     against PyTorch's (max|a - b| / max|b| < 1e-4) before anything is timed.
+  3. Both workers stay alive and take turns: the parent asks one for a block of timed
+     iterations, then the other, alternating forward and train blocks for several rounds, so
+     the load from other users of the machine falls on both alike. A warm-up round is dropped.
+     Throughput is batch / median per-iteration wall time (results are block_until_ready'd).
+  4. Each worker reports its own peak RSS (`ru_maxrss`), so memory is not mixed.
+
+The train step is the same on both sides: epsilon-prediction MSE on a fixed batch of random
+latents, noise, timesteps and text states (noised with the scaled-linear DDPM schedule inside
+the step), then AdamW (lr 1e-4, weight decay 1e-2, eps 1e-8) - `optax.adamw` vs
+`torch.optim.AdamW` (default foreach implementation). PyTorch runs eager with 2 threads. The first
+step's loss is compared too (same weights, same batch). Every timed block records
+`os.getloadavg()`: the machine is shared, so read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+TOL = 1e-4
+
+# The two benchmark UNets (diffusers UNet2DConditionModel kwargs) and their batches.
+SIZES = {
+    "S": dict(
+        unet=dict(sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=384, attention_head_dim=8),
+        text_length=32, batch=16, rounds=6, block_seconds=4.0),
+    "M": dict(
+        unet=dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+        text_length=64, batch=8, rounds=4, block_seconds=5.0),
+}
+QUICK = dict(rounds=2, block_seconds=0.5)
+LR, WEIGHT_DECAY, EPS = 1e-4, 1e-2, 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by both workers: the batch and the noise schedule, as numpy (NCHW, like diffusers).
+
+def make_batch(spec: dict, seed: int = 0) -> dict:
+  """The fixed benchmark batch: latents, noise [B, 4, s, s], timesteps [B], text [B, L, D]."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  b, s, u = spec["batch"], spec["unet"]["sample_size"], spec["unet"]
+  shape = (b, 4, s, s)
+  return dict(latents=rng.standard_normal(shape, np.float32),
+              noise=rng.standard_normal(shape, np.float32),
+              timesteps=rng.integers(0, 1000, (b,)).astype(np.int64),
+              text=rng.standard_normal((b, spec["text_length"], u["cross_attention_dim"]),
+                                       np.float32))
+
+
+def alphas_cumprod():
+  """Stable Diffusion's scaled-linear schedule, 1000 steps: [1000] float32."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+  return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def time_iterations(fn, iters: int) -> dict:
+  """Runs `fn` (which blocks until its result is ready) `iters` times; wall and CPU seconds."""
+  load = os.getloadavg()[0]
+  cpu0 = time.process_time()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return dict(times=times, cpu_s=(time.process_time() - cpu0) / iters, load=load)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: each answers JSON requests on its own stdout (stray library prints go to stderr).
+
+def torch_worker(spec: dict, directory: str, threads: int):
+  """Builds the reference model, saves it and its output, then serves timing requests."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  t0 = time.perf_counter()
+  torch.manual_seed(0)
+  model = diffusers.UNet2DConditionModel(**spec["unet"])
+  construction = time.perf_counter() - t0
+  model.save_pretrained(directory)
+  batch = {k: torch.from_numpy(v) for k, v in make_batch(spec).items()}
+  model.eval()
+  with torch.no_grad():
+    ref = model(batch["latents"], batch["timesteps"], batch["text"]).sample
+  np.save(os.path.join(directory, "reference_output.npy"), ref.numpy().transpose(0, 2, 3, 1))
+  ready = dict(init=dict(construction_s=construction),
+               param_count=sum(p.numel() for p in model.parameters()),
+               version=torch.__version__, diffusers_version=diffusers.__version__,
+               threads=torch.get_num_threads(),
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"))
+
+  @torch.no_grad()
+  def forward():
+    model(batch["latents"], batch["timesteps"], batch["text"])
+
+  optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+  ac = torch.from_numpy(alphas_cumprod())[batch["timesteps"]].view(-1, 1, 1, 1)
+  losses = []
+
+  def train():
+    noisy = ac.sqrt() * batch["latents"] + (1 - ac).sqrt() * batch["noise"]
+    pred = model(noisy, batch["timesteps"], batch["text"]).sample
+    loss = torch.nn.functional.mse_loss(pred, batch["noise"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    losses.append(float(loss.detach()))
+
+  def set_mode(op):
+    model.train(op == "train")
+
+  return ready, dict(forward=forward, train=train), set_mode, losses
+
+
+def jax_worker(spec: dict, directory: str, threads: int):
+  """Imports the saved model into fundax, compiles, checks parity, then serves requests."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from fundax.interop import diffusers as dfx  # pylint: disable=import-outside-toplevel
+  from fundax.models import unet  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  config, params = dfx.import_unet(directory)
+  params = jax.block_until_ready(jax.device_put(params))
+  params_s = time.perf_counter() - t0
+
+  model = unet.UNet2DConditionModel(config)
+  tx = optax.adamw(LR, eps=EPS, weight_decay=WEIGHT_DECAY)
+  raw = make_batch(spec)
+  batch = dict(latents=jnp.asarray(raw["latents"].transpose(0, 2, 3, 1)),
+               noise=jnp.asarray(raw["noise"].transpose(0, 2, 3, 1)),
+               timesteps=jnp.asarray(raw["timesteps"].astype(np.int32)),
+               text=jnp.asarray(raw["text"]))
+  ac_table = jnp.asarray(alphas_cumprod())
+
+  def forward_fn(params, batch):
+    return model.apply({"params": params}, batch["latents"], batch["timesteps"], batch["text"])
+
+  def train_step(state, batch):
+    params, opt_state = state
+    ac = ac_table[batch["timesteps"]][:, None, None, None]
+    noisy = jnp.sqrt(ac) * batch["latents"] + jnp.sqrt(1 - ac) * batch["noise"]
+
+    def loss_fn(p):
+      pred = model.apply({"params": p}, noisy, batch["timesteps"], batch["text"])
+      return jnp.mean((pred - batch["noise"]) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  t0 = time.perf_counter()
+  forward = jax.jit(forward_fn).lower(params, batch).compile()
+  forward_compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  opt_state = jax.block_until_ready(jax.jit(tx.init)(params))
+  opt_init_s = time.perf_counter() - t0
+  state = (params, opt_state)
+  t0 = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  train_compile_s = time.perf_counter() - t0
+
+  out = np.asarray(forward(params, batch))
+  ref = np.load(os.path.join(directory, "reference_output.npy"))
+  err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+  if not err < TOL:
+    raise SystemExit(f"fundax and diffusers outputs differ: rel err {err:.2e} >= {TOL}")
+  ready = dict(init=dict(params_s=params_s, forward_compile_s=forward_compile_s,
+                         opt_init_s=opt_init_s, train_compile_s=train_compile_s),
+               parity_rel_err=err, version=jax.__version__,
+               param_count=sum(x.size for x in jax.tree.leaves(params)),
+               devices=str(jax.devices()), threads=threads,
+               xla_flags=os.environ.get("XLA_FLAGS", ""))
+  holder = dict(state=state)
+  losses = []
+
+  def run_forward():
+    forward(holder["state"][0], batch).block_until_ready()
+
+  def run_train():
+    holder["state"], loss = step(holder["state"], batch)
+    losses.append(float(loss))  # blocks until the step is done
+
+  return ready, dict(forward=run_forward, train=run_train), lambda op: None, losses
+
+
+def worker_main(framework: str, size: str, directory: str, threads: int):
+  """Serves the parent: one JSON line per request on the original stdout."""
+  channel = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)  # library prints must not corrupt the channel
+  if framework == "jax":
+    sys.path.insert(0, str(ROOT))
+  build = torch_worker if framework == "torch" else jax_worker
+  ready, ops, set_mode, losses = build(SIZES[size], directory, threads)
+  ready["rss_after_init_mib"] = peak_rss_mib()
+  channel.write(json.dumps(ready) + "\n")
+  for line in sys.stdin:
+    request = json.loads(line)
+    if request["op"] == "exit":
+      channel.write(json.dumps(dict(peak_rss_mib=peak_rss_mib(), losses=losses)) + "\n")
+      return
+    set_mode(request["op"])
+    channel.write(json.dumps(time_iterations(ops[request["op"]], request["iters"])) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: starts the workers one after the other, alternates their timed blocks, reports.
+
+# One thread for XLA's CPU client (its default is one per core).
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+class Worker:
+  """A worker subprocess and its request/response channel."""
+
+  def __init__(self, framework: str, size: str, directory: str, threads: int,
+               omp_wait_policy: str):
+    self.framework = framework
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    if framework == "torch" and omp_wait_policy != "default":
+      env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
+    if framework == "jax" and threads == 1:
+      env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), XLA_ONE_THREAD]))
+    self.load_at_start = os.getloadavg()[0]
+    self.proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", framework, "--size", size, "--dir", directory,
+         "--threads", str(threads)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    self.ready = self.receive()
+    self.ready["load_during_init"] = [self.load_at_start, os.getloadavg()[0]]
+
+  def receive(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"{self.framework} worker died (exit {self.proc.wait()}); see stderr")
+    return json.loads(line)
+
+  def request(self, **kwargs) -> dict:
+    self.proc.stdin.write(json.dumps(kwargs) + "\n")
+    self.proc.stdin.flush()
+    return self.receive()
+
+  def close(self) -> dict:
+    final = self.request(op="exit")
+    self.proc.wait()
+    return final
+
+
+def load_stats(blocks: list[dict]) -> dict:
+  loads = [b["load"] for b in blocks]
+  return dict(median=statistics.median(loads), min=min(loads), max=max(loads))
+
+
+def summarize(blocks: list[dict], batch: int) -> dict:
+  """Throughput from timed blocks: wall-clock (headline) and per CPU second of the process."""
+  times = [t for b in blocks for t in b["times"]]
+  median = statistics.median(times)
+  cpu = statistics.median(b["cpu_s"] for b in blocks)
+  return dict(images_per_s=batch / median, median_s=median, min_s=min(times),
+              max_s=max(times), iterations=len(times), images_per_cpu_s=batch / cpu,
+              cpu_s_per_iteration=cpu, load_avg_1min=load_stats(blocks))
+
+
+def run(size: str, quick: bool, threads: int, omp_wait_policy: str) -> dict:
+  spec = dict(SIZES[size], **(QUICK if quick else {}))
+  load_start = os.getloadavg()
+  with tempfile.TemporaryDirectory(prefix=f"unet_bench_{size}_") as directory:
+    print(f"[{size}] starting PyTorch worker (builds and saves the model)", flush=True)
+    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy)}
+    print(f"[{size}] starting fundax worker (import, compile, parity)", flush=True)
+    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy)
+    print(f"[{size}] parity rel err {workers['fundax'].ready['parity_rel_err']:.2e}; "
+          f"init: {json.dumps({k: w.ready['init'] for k, w in workers.items()})}", flush=True)
+    blocks = {name: {"forward": [], "train": []} for name in workers}
+    iters = {}
+    for op in ("forward", "train"):  # warm-up (dropped); it also sizes the timed blocks
+      slowest = 0.0
+      for w in workers.values():
+        slowest = max(slowest, statistics.median(w.request(op=op, iters=2)["times"]))
+      iters[op] = max(2, round(spec["block_seconds"] / slowest))
+    print(f"[{size}] iterations per block: {iters}; rounds: {spec['rounds']}", flush=True)
+    for r in range(spec["rounds"]):
+      order = list(workers) if r % 2 == 0 else list(workers)[::-1]
+      for op in ("forward", "train"):
+        for name in order:
+          blocks[name][op].append(workers[name].request(op=op, iters=iters[op]))
+      print(f"[{size}] round {r + 1}/{spec['rounds']} done, load "
+            f"{os.getloadavg()[0]:.2f}", flush=True)
+    finals = {name: w.close() for name, w in workers.items()}
+
+  frameworks = {}
+  for name, w in workers.items():
+    ready = w.ready
+    frameworks[name] = dict(
+        version=ready["version"], threads=ready["threads"], init=ready["init"],
+        load_avg_1min_during_init=ready["load_during_init"],
+        forward=summarize(blocks[name]["forward"], spec["batch"]),
+        train=summarize(blocks[name]["train"], spec["batch"]),
+        load_avg_1min_timed=load_stats(blocks[name]["forward"] + blocks[name]["train"]),
+        peak_rss_mib=finals[name]["peak_rss_mib"], rss_after_init_mib=ready["rss_after_init_mib"],
+        first_train_loss=finals[name]["losses"][0], param_count=ready["param_count"])
+  frameworks["pytorch"].update(diffusers_version=workers["pytorch"].ready["diffusers_version"],
+                               omp_wait_policy=workers["pytorch"].ready["omp_wait_policy"])
+  frameworks["fundax"].update(devices=workers["fundax"].ready["devices"],
+                              xla_flags=workers["fundax"].ready["xla_flags"])
+  fx, pt = frameworks["fundax"], frameworks["pytorch"]
+  ratios = dict(  # fundax / pytorch: above 1 means fundax is faster (throughput)
+      forward_images_per_s=fx["forward"]["images_per_s"] / pt["forward"]["images_per_s"],
+      train_images_per_s=fx["train"]["images_per_s"] / pt["train"]["images_per_s"],
+      forward_images_per_cpu_s=(fx["forward"]["images_per_cpu_s"]
+                                / pt["forward"]["images_per_cpu_s"]),
+      train_images_per_cpu_s=fx["train"]["images_per_cpu_s"] / pt["train"]["images_per_cpu_s"],
+      peak_rss=fx["peak_rss_mib"] / pt["peak_rss_mib"],
+      init_time=sum(fx["init"].values()) / pt["init"]["construction_s"])
+  loss_a, loss_b = fx["first_train_loss"], pt["first_train_loss"]
+  return dict(
+      benchmark="fundax Flax UNet vs diffusers PyTorch UNet2DConditionModel, same weights, f32",
+      size=size, quick=quick, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      config=dict(unet=spec["unet"], text_length=spec["text_length"], batch=spec["batch"],
+                  threads=threads, rounds=spec["rounds"], iterations_per_block=iters,
+                  warmup_iterations=2,
+                  optimizer=dict(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)),
+      parity=dict(forward_rel_err=workers["fundax"].ready["parity_rel_err"], tolerance=TOL,
+                  first_train_loss_rel_diff=abs(loss_a - loss_b) / abs(loss_b)),
+      frameworks=frameworks, ratios_fundax_over_pytorch=ratios,
+      machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
+                   load_avg_at_start=load_start, load_avg_at_end=os.getloadavg()),
+      git_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip())
+
+
+def markdown(result: dict) -> str:
+  """The README table for one run."""
+  fx, pt = result["frameworks"]["fundax"], result["frameworks"]["pytorch"]
+  ratio = result["ratios_fundax_over_pytorch"]
+  init, cfg = fx["init"], result["config"]
+  u = cfg["unet"]
+
+  def rate(framework, op):
+    r = framework[op]
+    return f"{r['images_per_s']:.1f} ({r['images_per_cpu_s']:.1f})"
+
+  def load(framework):
+    s = framework["load_avg_1min_timed"]
+    return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+
+  return "\n".join([
+      f"UNet {result['size']}: channels {tuple(u['block_out_channels'])}, "
+      f"{u['layers_per_block']} layer(s)/block, {u['sample_size']}x{u['sample_size']} latents, "
+      f"text {cfg['text_length']}x{u['cross_attention_dim']}, batch {cfg['batch']}, "
+      f"{fx['param_count'] / 1e6:.1f}M params, f32, {cfg['threads']} thread(s) each, "
+      f"{result['date'][:10]}, jax {fx['version']} / torch {pt['version']} "
+      f"(OMP_WAIT_POLICY {pt['omp_wait_policy']}); forward parity rel err "
+      f"{result['parity']['forward_rel_err']:.1e}, first-step loss rel diff "
+      f"{result['parity']['first_train_loss_rel_diff']:.1e}",
+      "",
+      "| | fundax (JAX/XLA) | diffusers (PyTorch) | fundax / PyTorch |",
+      "|---|---|---|---|",
+      f"| forward, images/s (per CPU-s) | {rate(fx, 'forward')} | {rate(pt, 'forward')} | "
+      f"{ratio['forward_images_per_s']:.2f}x ({ratio['forward_images_per_cpu_s']:.2f}x) |",
+      f"| train step (AdamW), images/s (per CPU-s) | {rate(fx, 'train')} | "
+      f"{rate(pt, 'train')} | {ratio['train_images_per_s']:.2f}x "
+      f"({ratio['train_images_per_cpu_s']:.2f}x) |",
+      f"| init, s | {sum(init.values()):.1f}: params {init['params_s']:.1f}, forward compile "
+      f"{init['forward_compile_s']:.1f}, opt init {init['opt_init_s']:.1f}, train compile "
+      f"{init['train_compile_s']:.1f} | {pt['init']['construction_s']:.1f} (construction) | "
+      f"{ratio['init_time']:.1f}x |",
+      f"| peak RSS, MiB | {fx['peak_rss_mib']:.0f} | {pt['peak_rss_mib']:.0f} | "
+      f"{ratio['peak_rss']:.2f}x |",
+      f"| load avg (1 min) in timed blocks, median [min-max] | {load(fx)} | {load(pt)} | |",
+  ])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", choices=sorted(SIZES), default="S")
+  parser.add_argument("--quick", action="store_true", help="smoke run; writes no results")
+  parser.add_argument("--threads", type=int, choices=(1, 2), default=2,
+                      help="threads for each framework (1: XLA single-threaded too)")
+  parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"),
+                      default="passive", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads")
+  parser.add_argument("--out", help="results JSON (default bench/results/unet_<size>.json)")
+  parser.add_argument("--worker", choices=("torch", "jax"), help=argparse.SUPPRESS)
+  parser.add_argument("--dir", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main(args.worker, args.size, args.dir, args.threads)
+    return
+  result = run(args.size, args.quick, args.threads, args.omp_wait_policy)
+  print(json.dumps(result["ratios_fundax_over_pytorch"]))
+  print()
+  print(markdown(result))
+  if not args.quick or args.out:
+    suffix = "" if args.threads == 2 else f"_{args.threads}thread"
+    path = pathlib.Path(args.out or RESULTS / f"unet_{args.size}{suffix}.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()

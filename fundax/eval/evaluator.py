@@ -1,0 +1,249 @@
+"""The independent fundus evaluator: a small multi-task ResNet trained by fundax on phantom data.
+
+It grades an image the way a reading centre would (DR grade, DME, cup-to-disc ratio, AMD stage,
+hypertensive grade, image quality, laterality) and its penultimate layer is the feature space for
+the fidelity and privacy metrics. It shares neither weights nor training data
+with the Selector (the reward model trained on human ratings): the generator is optimised
+against the Selector, so only a network it never saw can tell whether it gamed it.
+
+Layout on disk (the params_io layout, kind "evaluator"):
+```
+evaluator_dir/config.json  {"kind": "evaluator", "config": {model config}, "heads": {...}, ...}
+evaluator_dir/params/      Orbax checkpoint of the params
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fundax.data import labels as labels_lib
+from fundax.eval import consistency
+from fundax.interop import params_io
+
+log = logging.getLogger(__name__)
+
+KIND = "evaluator"
+# Head name -> outputs: class count for categorical heads, 1 for the cup-to-disc regression.
+HEADS = {"dr_grade": 5, "dme": 2, "cdr": 1, "amd_stage": 4, "hypertensive_grade": 5,
+         "quality": 3, "laterality": 2}
+REGRESSION_HEADS = ("cdr",)
+
+
+class ResidualBlock(nn.Module):
+  """Pre-activation residual block (GroupNorm, so there are no batch statistics to carry)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    groups = min(8, self.features)
+    y = nn.swish(nn.GroupNorm(num_groups=min(8, x.shape[-1]), dtype=self.dtype)(x))
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = nn.Conv(self.features, (1, 1), (self.strides, self.strides), dtype=self.dtype,
+                         name="proj")(y)
+    y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), dtype=self.dtype)(y)
+    y = nn.swish(nn.GroupNorm(num_groups=groups, dtype=self.dtype)(y))
+    y = nn.Conv(self.features, (3, 3), dtype=self.dtype)(y)
+    return shortcut + y
+
+
+class FundusEvaluator(nn.Module):
+  """Multi-task CNN: NHWC images in [-1, 1] -> ({head: logits}, features [N, D]).
+
+  Attributes:
+    width: channels of the first stage; each later stage doubles it.
+    stage_sizes: residual blocks per stage; every stage after the first halves the resolution.
+    heads: (head name, number of outputs) pairs (a subset of HEADS, or a custom task); a
+      tuple so the module stays hashable (it is a static argument of the jitted `apply`).
+    dtype: compute dtype.
+  """
+  width: int = 32
+  stage_sizes: Sequence[int] = (1, 1, 1, 1)
+  heads: tuple[tuple[str, int], ...] = tuple(HEADS.items())
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    n, h, w, _ = images.shape
+    # Coordinate channels (CoordConv): global average pooling forgets where things are, and
+    # laterality is exactly where the optic disc is.
+    ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
+    coords = jnp.broadcast_to(jnp.stack([ys, xs], -1), (n, h, w, 2)).astype(images.dtype)
+    x = jnp.concatenate([images, coords], -1)  # [N, H, W, 5]
+    x = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="stem")(x)  # [N, H, W, w]
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        x = ResidualBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,
+                          dtype=self.dtype)(x)
+    x = nn.swish(nn.GroupNorm(num_groups=8, dtype=self.dtype)(x))
+    features = x.mean(axis=(1, 2)).astype(jnp.float32)  # [N, D]
+    logits = {name: nn.Dense(n, dtype=jnp.float32, name=f"head_{name}")(features)
+              for name, n in self.heads}
+    return logits, features
+
+
+def make_model(model_config: Mapping[str, Any]) -> FundusEvaluator:
+  """The module from a JSON-able model config {"width", "stage_sizes", "heads"}."""
+  return FundusEvaluator(width=int(model_config["width"]),
+                         stage_sizes=tuple(model_config["stage_sizes"]),
+                         heads=tuple(dict(model_config.get("heads") or HEADS).items()))
+
+
+def init_params(model: FundusEvaluator, rng: jax.Array, resolution: int) -> Any:
+  """Fresh params for square NHWC inputs of the given resolution."""
+  return _jitted_init(model, resolution)(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: FundusEvaluator, resolution: int):
+  # Compiled without backend optimisation: XLA:CPU otherwise spends tens of seconds
+  # optimising the RNG ops of a program that runs once.
+  init = lambda key: model.init(key, jnp.zeros((1, resolution, resolution, 3)))["params"]
+  return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(model: FundusEvaluator, params, images):
+  """Jitted forward pass: ({head: logits [N, K]}, features [N, D])."""
+  return model.apply({"params": params}, jnp.asarray(images, jnp.float32))
+
+
+def _batched(model, params, images, batch_size: int):
+  """Runs `apply` over fixed-size batches (the last one padded) so it compiles once."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 127.5 - 1.0
+  n = len(images)
+  outs = []
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    logits, feats = apply(model, params, chunk)
+    outs.append(jax.device_get((logits, feats)))
+  logits = {k: np.concatenate([o[0][k] for o in outs])[:n] for k in outs[0][0]}
+  return logits, np.concatenate([o[1] for o in outs])[:n]
+
+
+def features(model: FundusEvaluator, params, images, *, batch_size: int = 64) -> np.ndarray:
+  """Penultimate-layer features [N, D] of NHWC images (float [-1, 1] or uint8)."""
+  return _batched(model, params, images, batch_size)[1]
+
+
+def decode(logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Head logits -> per-attribute predictions: class indices, or the CDR clipped to [0, 1]."""
+  out = {}
+  for name, value in logits.items():
+    value = np.asarray(value)
+    out[name] = (np.clip(value[:, 0], 0.0, 1.0) if name in REGRESSION_HEADS
+                 else value.argmax(-1))
+  return out
+
+
+def predict(model: FundusEvaluator, params, images, *, batch_size: int = 64) -> dict:
+  """Per-attribute predictions for NHWC images: {head: [N] class index, or CDR float}.
+
+  Class indices follow `consistency.label_code` (laterality 0 right / 1 left, quality 0 good /
+  1 usable / 2 reject, grades as integers, dme 0/1).
+  """
+  return decode(_batched(model, params, images, batch_size)[0])
+
+
+def predict_proba(model: FundusEvaluator, params, images, *, batch_size: int = 64) -> dict:
+  """Softmax probabilities {head: [N, K]} of the categorical heads."""
+  logits, _ = _batched(model, params, images, batch_size)
+  return {k: np.asarray(jax.nn.softmax(v, -1)) for k, v in logits.items()
+          if k not in REGRESSION_HEADS}
+
+
+def targets_from_labels(labels: Sequence[labels_lib.FundusLabels],
+                        heads: Sequence[str] = tuple(HEADS)) -> dict[str, np.ndarray]:
+  """Training targets {head: [N]} (int32 codes, float32 CDR) from label records (all known)."""
+  out = {}
+  for name in heads:
+    codes = [consistency.label_code(name, l) for l in labels]
+    if any(c is None for c in codes):
+      raise ValueError(f"labels without a {name!r} cannot train the {name!r} head")
+    out[name] = np.asarray(codes, np.float32 if name in REGRESSION_HEADS else np.int32)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A loaded evaluator: the module and its params, with the metric-facing calls bound."""
+  model: FundusEvaluator
+  params: Any
+  resolution: int
+
+  def features(self, images) -> np.ndarray:
+    """Penultimate-layer features [N, D] (images resized to the evaluator's resolution)."""
+    return features(self.model, self.params, self.prepare(images))
+
+  def predict(self, images) -> dict:
+    """Per-attribute predictions {head: [N]} (see the module-level `predict`)."""
+    return predict(self.model, self.params, self.prepare(images))
+
+  def prepare(self, images) -> np.ndarray:
+    """Resizes NHWC images to the evaluator's resolution (area / bilinear), float [-1, 1]."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 127.5 - 1.0
+    if images.shape[1:3] != (self.resolution, self.resolution):
+      images = np.asarray(jax.image.resize(
+          images, (len(images), self.resolution, self.resolution, images.shape[-1]),
+          "linear", antialias=True))
+    return images.astype(np.float32)
+
+
+def save_evaluator(directory: str | os.PathLike, params, model_config: Mapping[str, Any],
+                   extra: Mapping[str, Any] | None = None) -> None:
+  """Writes params and config.json in the params_io layout with kind "evaluator".
+
+  params_io.save_params only accepts the generator's kinds (bert, vae, unet), so the same
+  layout is written here; params_io.load_params reads it back unchanged.
+
+  Args:
+    directory: target directory (created; an existing params checkpoint is replaced).
+    params: the evaluator params.
+    model_config: JSON-able {"width", "stage_sizes", "heads", "resolution"}.
+    extra: more JSON-able entries for config.json (training config, held-out accuracy).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  os.makedirs(directory, exist_ok=True)
+  tree = params_io.unflatten_params(params_io.flatten_params(jax.device_get(params)))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, params_io.PARAMS_DIR), tree, force=True)
+  meta = {"kind": KIND, "config": dict(model_config), **dict(extra or {})}
+  # config.json goes last: its presence marks a complete directory (as in params_io).
+  with open(os.path.join(directory, params_io.CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+  log.info("saved evaluator params to %s", directory)
+
+
+def load_evaluator(directory: str | os.PathLike) -> Evaluator:
+  """Loads an evaluator directory written by `save_evaluator` (or the evaluator trainer).
+
+  Raises:
+    FileNotFoundError: naming the missing directory or file.
+    ValueError: the directory holds another kind of params.
+  """
+  params, meta = params_io.load_params(directory, expected_kind=KIND)
+  config = meta["config"]
+  return Evaluator(make_model(config), jax.tree.map(jnp.asarray, params),
+                   int(config["resolution"]))

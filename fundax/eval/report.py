@@ -1,0 +1,171 @@
+"""The self-contained HTML evaluation report: one file, images and plots embedded as base64 PNG.
+
+Sections: a banner saying the images are synthetic; the metric table with the Selector's score
+(when given) beside the independent metrics, so a reader sees at once whether the reward the
+generator was optimised against agrees with measures it never saw; sample grids per prompt
+(stamped SYNTHETIC by `preview.make_grid`); per-attribute consistency confusion matrices; the
+privacy audit's closest generated/training pairs side by side; distribution plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is written by jobs without a display
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+from PIL import Image
+
+from fundax.data import labels as labels_lib
+from fundax.data import preview
+
+_CLASS_NAMES = {"dr_grade": [str(i) for i in range(5)], "dme": ["no", "yes"],
+                "amd_stage": [str(i) for i in range(4)],
+                "hypertensive_grade": [str(i) for i in range(5)],
+                "quality": list(labels_lib.QUALITIES), "laterality": list(labels_lib.LATERALITIES)}
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse}td,th{border:1px solid #999;padding:3px 8px;text-align:left}
+.banner{background:#a00;color:#fff;padding:8px;font-weight:bold}
+.pair{display:inline-block;margin:6px;text-align:center;font-size:small}"""
+
+
+def png_base64(image: Image.Image) -> str:
+  """A PIL image as a data: URI."""
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def figure_base64(fig) -> str:
+  """A matplotlib figure as a data: URI (the figure is closed)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+  plt.close(fig)
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str) -> str:
+  return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return "n/a" if math.isnan(value) else f"{value:.4g}"
+  return html.escape(str(value))
+
+
+def metric_table(rows: Sequence[tuple[str, object, str]]) -> str:
+  """HTML table of (metric, value, source) rows."""
+  body = "".join(f"<tr><td>{html.escape(m)}</td><td>{_fmt(v)}</td><td>{html.escape(s)}</td></tr>"
+                 for m, v, s in rows)
+  return f"<table><tr><th>metric</th><th>value</th><th>measured by</th></tr>{body}</table>"
+
+
+def confusion_figure(name: str, confusion) -> str:
+  """Heatmap of one attribute's confusion matrix (rows: asked for, columns: evaluator)."""
+  m = np.asarray(confusion)
+  names = _CLASS_NAMES.get(name, [str(i) for i in range(len(m))])
+  fig, ax = plt.subplots(figsize=(3.2, 3.0))
+  ax.imshow(m, cmap="Blues")
+  for (i, j), v in np.ndenumerate(m):
+    ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+  ax.set_xticks(range(len(m)), names)
+  ax.set_yticks(range(len(m)), names)
+  ax.set_xlabel("evaluator predicts")
+  ax.set_ylabel("prompt asks for")
+  ax.set_title(name)
+  return figure_base64(fig)
+
+
+def histogram_figure(title: str, series: Mapping[str, Sequence[float]], xlabel: str,
+                     threshold: float | None = None) -> str:
+  """Overlaid histograms of named value series, with an optional threshold line."""
+  fig, ax = plt.subplots(figsize=(4.5, 3.0))
+  for label, values in series.items():
+    ax.hist(np.asarray(values, float), bins=20, alpha=0.6, label=label)
+  if threshold is not None:
+    ax.axvline(threshold, color="red", linestyle="--", label="flag threshold")
+  ax.set_xlabel(xlabel)
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  return figure_base64(fig)
+
+
+def prompt_grids(images, prompts: Sequence[str], max_prompts: int = 8, tile: int = 128) -> list:
+  """One SYNTHETIC-stamped grid per prompt (first `max_prompts` prompts), as data URIs."""
+  groups: dict[str, list[int]] = {}
+  for i, p in enumerate(prompts):
+    groups.setdefault(p, []).append(i)
+  uris = []
+  for prompt, idx in list(groups.items())[:max_prompts]:
+    grid = preview.make_grid([images[i] for i in idx], [f"sample {k}" for k in range(len(idx))],
+                             synthetic=True, columns=min(4, len(idx)), tile=tile, title=prompt,
+                             caption_lines=1)
+    uris.append((prompt, png_base64(grid)))
+  return uris
+
+
+def closest_pairs_html(pairs, generated, training, tile: int = 200) -> str:
+  """Side-by-side thumbnails of (generated, nearest training) pairs with their distance."""
+  cells = []
+  for g, t, dist in pairs:
+    grid = preview.make_grid([generated[g], training[t]], ["generated", "training"],
+                             synthetic=[True, False], columns=2, tile=tile, caption_lines=1)
+    cells.append(f'<div class="pair">{_img(png_base64(grid), "closest pair")}<br>'
+                 f"generated #{g} vs training #{t}: RMS {dist:.4f}</div>")
+  return "".join(cells)
+
+
+def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
+           title: str = "fundax evaluation report") -> str:
+  """Builds the report HTML from the metrics dict of `run.evaluate` and the images.
+
+  Args:
+    metrics: the dict `run.evaluate` writes to metrics.json.
+    images: [N, H, W, 3] generated images.
+    prompts: their N prompts.
+    training_images: [M, H, W, 3] the reference/training images of the privacy audit.
+    title: page title.
+
+  Returns:
+    The HTML document.
+  """
+  parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+           f"</title><style>{_STYLE}</style></head><body>",
+           f"<div class='banner'>{html.escape(preview.SYNTHETIC_BANNER)}</div>",
+           f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(metrics.get('note', ''))}</p>",
+           "<h2>Metrics</h2>", metric_table(metrics["table"])]
+
+  parts.append("<h2>Samples per prompt</h2>")
+  for prompt, uri in prompt_grids(images, prompts):
+    parts.append(f"<p>{html.escape(prompt)}</p>{_img(uri, prompt)}")
+
+  consistency = metrics.get("consistency", {})
+  parts.append("<h2>Text-image consistency (rows: prompt, columns: independent evaluator)</h2>")
+  for name, entry in consistency.items():
+    if isinstance(entry, Mapping) and "confusion" in entry:
+      parts.append(_img(confusion_figure(name, entry["confusion"]), name))
+
+  privacy = metrics.get("privacy")
+  if privacy:
+    parts.append(f"<h2>Privacy: closest generated / training pairs</h2><p>"
+                 f"{privacy['num_flagged']} of {len(privacy['flagged'])} generated images "
+                 f"flagged as near-copies.</p>")
+    parts.append(closest_pairs_html(privacy["closest_pairs"], images, training_images))
+    parts.append(_img(histogram_figure(
+        "nearest training image", {"generated": privacy["pixel_rms"]}, "pixel RMS distance",
+        threshold=metrics.get("config", {}).get("pixel_threshold")), "privacy histogram"))
+
+  plots = metrics.get("plots", {})
+  if plots.get("vessel_density"):
+    parts.append("<h2>Distributions</h2>")
+    parts.append(_img(histogram_figure("vessel density", plots["vessel_density"],
+                                       "fraction of FOV detected as vessel"), "vessel density"))
+  parts.append("</body></html>")
+  return "\n".join(parts)

@@ -1,0 +1,238 @@
+"""`evaluate`: every independent metric of a set of generated images, written as JSON + HTML.
+
+The images come either from a checkpoint directory (generated here through `fundax.sampling`)
+or pre-generated with their prompts. They are compared with a reference set (real images, or
+phantom images standing in for them; also the training set of the privacy audit) through the
+independent evaluator (`evaluator_dir`, from `evaluator_train.train_evaluator`):
+
+  fidelity      Fréchet distance, KID, precision/recall on evaluator features (and on a
+                user-supplied Inception feature function when `inception_path` is set)
+  diversity     mean pairwise MS-SSIM among samples of the same prompt
+  consistency   prompt (parsed) vs evaluator predictions, per attribute
+  anatomy       vessel density vs the reference, optic-disc side vs the prompt's laterality
+  privacy       nearest training image in pixel and feature space; near-copies flagged
+  utility       TSTR DR-grade classifier (when held-out labelled images are given)
+
+The Selector's scores, when passed, are reported beside these but used by none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from scipy import stats
+
+from fundax.data import captions
+from fundax.eval import anatomy_checks
+from fundax.eval import consistency as consistency_lib
+from fundax.eval import evaluator as evaluator_lib
+from fundax.eval import metrics as metrics_lib
+from fundax.eval import privacy
+from fundax.eval import report
+from fundax.eval import ssim
+from fundax.eval import utility
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "kid_subsets": 50,  # random subset pairs for KID
+    "kid_subset_size": 1000,  # samples per KID subset (clipped to the set sizes)
+    "pr_k": 3,  # neighbourhood size of precision/recall
+    "pixel_threshold": 0.05,  # privacy: RMS pixel distance ([-1, 1] scale) below = near-copy
+    "feature_threshold": 0.2,  # privacy: feature NN distance / median train NN distance
+    "num_pairs": 8,  # closest pairs shown in the report
+    "inception_path": None,  # serialized jax.export feature function (metrics.load_feature_fn)
+    "utility": {},  # overrides of utility.DEFAULTS for the TSTR classifier
+    "seed": 0,  # KID subsets and generation noise
+    "samples_per_prompt": 4,  # images per prompt when generating from a checkpoint
+    "num_steps": 50,  # sampler steps when generating from a checkpoint
+    "guidance_scale": 7.5,  # classifier-free guidance when generating from a checkpoint
+    "batch_size": 8,  # images per generation call
+}
+
+
+def generate_from_checkpoint(checkpoint_dir: str, prompts: Sequence[str],
+                             config: Mapping) -> tuple[np.ndarray, list[str]]:
+  """Samples `samples_per_prompt` images per prompt with `fundax.sampling`.
+
+  Args:
+    checkpoint_dir: an LDM trainer's checkpoint directory.
+    prompts: distinct prompts.
+    config: evaluate options (samples_per_prompt, num_steps, guidance_scale, batch_size, seed).
+
+  Returns:
+    (images [N, H, W, 3] float32 in [-1, 1], the N prompts, each repeated per sample).
+  """
+  from fundax import sampling  # pylint: disable=g-import-not-at-top  (only this path needs it)
+  pipeline = sampling.load_pipeline(checkpoint_dir)
+  generate_fn = sampling.make_generate_fn(pipeline.models, num_steps=config["num_steps"])
+  repeated = [p for p in prompts for _ in range(config["samples_per_prompt"])]
+  key = jax.random.key(config["seed"])
+  images = []
+  bs = config["batch_size"]
+  for start in tqdm.trange(0, len(repeated), bs, desc="generating"):
+    batch = repeated[start:start + bs]
+    # The last batch is padded to full size so the jitted sampler compiles once.
+    tokens = sampling.tokenize_prompts(pipeline, batch + [batch[-1]] * (bs - len(batch)))
+    out = generate_fn(pipeline.params, tokens["input_ids"], tokens["attention_mask"],
+                      jax.random.fold_in(key, start), config["guidance_scale"])
+    images.append(np.asarray(out)[:len(batch)])
+  return np.concatenate(images), repeated
+
+
+def _to_float(images) -> np.ndarray:
+  """NHWC images as float32 in [-1, 1] (uint8 is rescaled)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images.astype(np.float32)
+
+
+def _table(results: Mapping) -> list[tuple[str, object, str]]:
+  """The report's (metric, value, measured by) rows."""
+  ev = "independent evaluator"
+  rows = []
+  if "selector" in results:
+    rows += [("Selector score (mean): the generator's own reward",
+              results["selector"]["mean"], "Selector"),
+             ("Spearman(Selector score, image agrees with its prompt)",
+              results["selector"]["spearman_vs_consistency"], "Selector vs evaluator")]
+  f = results["fidelity"]
+  rows += [("Fréchet distance (evaluator features)", f["frechet_distance"], ev),
+           ("KID (evaluator features)", f["kid"], ev),
+           ("precision", f["precision"], ev), ("recall", f["recall"], ev)]
+  if "fidelity_inception" in results:
+    rows.append(("FID (user-supplied Inception)",
+                 results["fidelity_inception"]["frechet_distance"], "Inception"))
+  if results["diversity"]:
+    rows.append(("mean MS-SSIM within prompt (lower = more diverse)",
+                 float(np.mean(list(results["diversity"].values()))), "MS-SSIM"))
+  c = results["consistency"]
+  for name, entry in c.items():
+    if isinstance(entry, Mapping):
+      rows.append((f"consistency: {name} accuracy", entry["accuracy"], ev))
+      if "qwk" in entry:
+        rows.append((f"consistency: {name} QWK", entry["qwk"], ev))
+  rows.append(("consistency: all stated attributes agree", c["all_stated_agree"], ev))
+  a = results["anatomy"]
+  rows += [("vessel density |generated - reference|", a["vessel_density"]["abs_difference"],
+            "Frangi vesselness"),
+           ("optic disc on the prompt's side", a["disc_side"]["accuracy"], "brightest blob")]
+  p = results["privacy"]
+  rows += [("near-copies of training images (fraction)", p["fraction_flagged"], "NN audit"),
+           ("min RMS distance to a training image", p["min_pixel_rms"], "NN audit")]
+  for arm, scores in results.get("utility", {}).items():
+    rows += [(f"TSTR ({arm}) DR QWK", scores["qwk"], "TSTR classifier"),
+             (f"TSTR ({arm}) referable-DR AUROC", scores["referable_auroc"], "TSTR classifier")]
+  return rows
+
+
+def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_images,
+             out_dir: str, reference_labels=None, heldout_images=None, heldout_labels=None,
+             selector_scores=None, config: Mapping | None = None,
+             note: str = "") -> dict:
+  """Evaluates generated images with metrics independent of the Selector.
+
+  Args:
+    source: a checkpoint directory (str / PathLike: images are generated from `prompts`,
+      `samples_per_prompt` each) or an array [N, H, W, 3] of pre-generated images (float in
+      [-1, 1] or uint8), one per entry of `prompts`.
+    prompts: the prompts (distinct ones for a checkpoint; one per image otherwise).
+    evaluator_dir: the trained evaluator's params directory.
+    reference_images: [M, H, W, 3] real (or phantom) images: the fidelity reference and the
+      training set of the privacy audit; same size as the generated images.
+    out_dir: where metrics.json and report.html go (created).
+    reference_labels: optional FundusLabels of the reference images; with held-out data, the
+      DR-graded ones are added to the synthetic images in the synthetic + real TSTR arm.
+    heldout_images: optional [T, H, W, 3] labelled held-out images for TSTR.
+    heldout_labels: their FundusLabels (DR grade needed).
+    selector_scores: optional [N] Selector scores of the images, shown beside the metrics.
+    config: overrides of DEFAULTS.
+    note: a line shown at the top of the report (e.g. what the images really are).
+
+  Returns:
+    The metrics dict (also written to out_dir/metrics.json), with "report" and "metrics_json"
+    paths.
+  """
+  config = {**DEFAULTS, **dict(config or {})}
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if isinstance(source, (str, os.PathLike)):
+    images, prompts = generate_from_checkpoint(os.fspath(source), prompts, config)
+  else:
+    images = np.asarray(source)
+    prompts = list(prompts)
+  images, reference = _to_float(images), _to_float(reference_images)
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+
+  steps = tqdm.tqdm(total=7, desc="evaluate")
+  ev = evaluator_lib.load_evaluator(evaluator_dir)
+  gen_feat, ref_feat = ev.features(images), ev.features(reference)
+  predictions = ev.predict(images)
+  steps.update()
+  results = {"num_images": len(images), "num_reference": len(reference), "note": note,
+             "config": config}
+  results["fidelity"] = metrics_lib.fidelity(
+      ref_feat, gen_feat, k=config["pr_k"], kid_subsets=config["kid_subsets"],
+      kid_subset_size=config["kid_subset_size"], seed=config["seed"])
+  if config["inception_path"]:
+    feature_fn = metrics_lib.load_feature_fn(config["inception_path"])
+    results["fidelity_inception"] = metrics_lib.fidelity(
+        feature_fn(reference), feature_fn(images), k=config["pr_k"],
+        kid_subsets=config["kid_subsets"], kid_subset_size=config["kid_subset_size"])
+  steps.update()
+  results["diversity"] = ssim.diversity_by_prompt(images, prompts)
+  steps.update()
+  results["consistency"] = consistency_lib.consistency(prompts, predictions)
+  steps.update()
+  density = anatomy_checks.vessel_density_comparison(images, reference)
+  results["anatomy"] = {
+      "vessel_density": {k: density[k] for k in ("generated_mean", "reference_mean",
+                                                 "abs_difference")},
+      "disc_side": anatomy_checks.disc_side_agreement(images, prompts)}
+  results["plots"] = {"vessel_density": {"generated": density["generated"],
+                                         "reference": density["reference"]}}
+  steps.update()
+  results["privacy"] = privacy.audit(
+      images, reference, gen_feat, ref_feat, pixel_threshold=config["pixel_threshold"],
+      feature_threshold=config["feature_threshold"], num_pairs=config["num_pairs"])
+  steps.update()
+  if heldout_images is not None:
+    asked = [captions.parse_caption(p).dr_grade for p in prompts]
+    keep = np.array([g is not None for g in asked])
+    real = {}
+    if reference_labels is not None:
+      graded = np.array([l.dr_grade is not None for l in reference_labels])
+      real = {"real_images": reference[graded],
+              "real_grades": np.array([l.dr_grade for l in reference_labels])[graded]}
+    results["utility"] = utility.tstr(
+        images[keep], np.array([g for g in asked if g is not None]),
+        _to_float(heldout_images), np.array([l.dr_grade for l in heldout_labels]),
+        config=config["utility"], **real)
+  steps.update()
+  steps.close()
+  if selector_scores is not None:
+    scores = np.asarray(selector_scores, float)
+    agree = np.asarray(results["consistency"]["per_image_agree"], float)
+    # A Selector the generator has learnt to please stops tracking independent agreement.
+    rho = (float(stats.spearmanr(scores, agree).statistic)
+           if np.ptp(scores) > 0 and np.ptp(agree) > 0 else float("nan"))
+    results["selector"] = {"mean": float(scores.mean()), "scores": scores.tolist(),
+                           "spearman_vs_consistency": rho}
+  results["table"] = _table(results)
+
+  metrics_path = out / "metrics.json"
+  metrics_path.write_text(json.dumps(results, indent=2, default=float))
+  report_path = out / "report.html"
+  report_path.write_text(report.render(results, images=images, prompts=prompts,
+                                       training_images=reference), encoding="utf-8")
+  log.info("wrote %s and %s", metrics_path, report_path)
+  return {**results, "metrics_json": str(metrics_path), "report": str(report_path)}

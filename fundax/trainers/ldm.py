@@ -1,0 +1,225 @@
+"""Latent diffusion training job: `run(config, workdir)` for configs/ldm.py.
+
+A short sequence of library calls: build the dataset, load the frozen text encoder and VAE,
+build the UNet, create (or restore) the sharded train state, then `train_loop` with the pure
+`ldm_train_step`, periodic validation losses and SYNTHETIC-stamped sample grids drawn with the
+EMA params through the public sampling API. Checkpoints hold the train state, the frozen
+networks' params and the model configs, so a checkpoint directory alone is enough to sample
+(`fundax.sampling.load_pipeline`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fundax import checkpoint
+from fundax import parallel
+from fundax import sampling
+from fundax.data import tokenizer as tokenizer_lib
+from fundax.models import text_encoder as text_lib
+from fundax.models import unet as unet_lib
+from fundax.models import vae as vae_lib
+from fundax.train import ldm_step
+from fundax.train import loop
+from fundax.train import metric_writers
+from fundax.train import optim
+from fundax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("image", "input_ids", "attention_mask")
+
+
+def _tokenizer_reference(vocab: Any) -> dict[str, Any]:
+  """The tokenizer reference for what `load_text_encoder` says its vocabulary is."""
+  if isinstance(vocab, dict):
+    return vocab
+  minilm = tokenizer_lib.minilm_dir()
+  if vocab is None or (minilm is not None and pathlib.Path(vocab) == minilm):
+    return tokenizer_lib.tokenizer_reference(None)
+  return tokenizer_lib.tokenizer_reference(vocab)
+
+
+def _vocab_dir(reference: dict[str, Any]) -> str | None:
+  if "path" in reference:
+    path = pathlib.Path(reference["path"])
+    return str(path if path.is_dir() else path.parent)
+  return str(tokenizer_lib.minilm_dir())
+
+
+def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any]:
+  """The VAE config and (EMA) params of a configs/vae.py run (workdir or checkpoints dir)."""
+  config = checkpoint.load_config(path)
+  arrays = sampling.restore_arrays(path)["state"]
+  params = arrays["ema_params"] if arrays.get("ema_params") is not None else arrays["params"]
+  log.info("frozen VAE from %s", path)
+  return vae_lib.VAEConfig.from_diffusers(config["models"]["vae"]), params["vae"]
+
+
+def fresh_vae_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
+  """The architecture of the freshly initialised VAE used when no vae_checkpoint is given."""
+  levels = len(config.vae.block_out_channels)
+  return vae_lib.VAEConfig(
+      block_out_channels=tuple(config.vae.block_out_channels),
+      down_block_types=("DownEncoderBlock2D",) * levels,
+      up_block_types=("UpDecoderBlock2D",) * levels,
+      latent_channels=config.vae.latent_channels, norm_num_groups=config.vae.norm_num_groups,
+      sample_size=config.resolution, scaling_factor=config.vae.scaling_factor)
+
+
+def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
+  """The models and the frozen networks' params an LDM config describes.
+
+  Args:
+    config: a configs/ldm.py config.
+    rng: initialises a fresh VAE (when `vae_checkpoint` is empty).
+
+  Returns:
+    (models, frozen params {"vae", "text"}, tokenizer reference).
+  """
+  dtype = jnp.dtype(config.dtype)
+  text, text_params, vocab = text_lib.load_text_encoder(config.text_encoder, dtype=dtype)
+  reference = _tokenizer_reference(vocab)
+  if config.vae_checkpoint:
+    vae_config, vae_params = load_vae(config.vae_checkpoint)
+  else:
+    log.warning("no vae_checkpoint: training on the latents of a RANDOM frozen VAE "
+                "(smoke tests only)")
+    vae_config = fresh_vae_config(config)
+    image = jnp.zeros((1, config.resolution, config.resolution, 3))
+    vae_params = jax.jit(vae_lib.AutoencoderKL(vae_config).init)(rng, image)["params"]
+  if config.resolution % vae_config.downsample_factor:
+    raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's "
+                     f"downsampling factor {vae_config.downsample_factor}")
+  u = config.unet
+  down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
+  up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
+  unet_config = unet_lib.UNetConfig(
+      sample_size=config.resolution // vae_config.downsample_factor,
+      in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels,
+      block_out_channels=tuple(u.block_out_channels), down_block_types=down,
+      up_block_types=up, layers_per_block=u.layers_per_block,
+      cross_attention_dim=text.output_dim, attention_head_dim=u.attention_head_dim,
+      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat)
+  models = sampling.Models(
+      unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype),
+      vae=vae_lib.AutoencoderKL(vae_config, dtype=dtype), text=text,
+      scheduler=config.scheduler.to_dict(),
+      special_tokens=text_lib.special_tokens(_vocab_dir(reference)), text_mask=u.text_mask)
+  return models, {"vae": vae_params, "text": text_params}, reference
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Trains (or resumes training) the latent diffusion UNet.
+
+  Args:
+    config: a configs/ldm.py config.
+    workdir: output directory; rerunning with the same one resumes from its last checkpoint.
+
+  Returns:
+    Output name -> path, for the CLI to print.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = loop.prepare_data(config, workdir)
+  rng_init, rng_vae, rng_train, rng_sample, rng_eval = jax.random.split(
+      jax.random.key(config.seed, impl=config.prng_impl), 5)
+  models, frozen_host, reference = build_models(config, rng_vae)
+  tokenizer = tokenizer_lib.make_tokenizer_from_reference(reference)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = [tuple(r) for r in config.sharding_rules]
+  tx = optim.make_optimizer({**config.optim.to_dict(), "total_steps": config.num_steps})
+
+  def make_state(rng):
+    params = models.unet.init(rng, *unet_lib.dummy_inputs(models.unet.config))["params"]
+    return state_lib.create(params, tx, ema=config.train.ema_decay > 0)
+
+  abstract_state = parallel.abstract_sharded(make_state, rng_init, mesh, rules)
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  frozen_shardings = parallel.state_shardings(frozen_host, mesh, rules)
+  abstract = {"state": abstract_state, "frozen": jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen_host,
+      frozen_shardings)}
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
+  restored, extras, source = checkpoint.restore_or_init(
+      manager, abstract, lambda: {
+          "state": parallel.init_sharded(make_state, rng_init, mesh, rules),
+          "frozen": jax.device_put(frozen_host, frozen_shardings)},
+      resume_path=config.resume_path or None)
+  state, frozen = restored["state"], restored["frozen"]
+  log.info("LDM state from %s at step %d", source, int(state.step))
+
+  batches = loop.make_batches(config, data, "train", tokenizer=tokenizer,
+                              max_length=config.max_length, mesh=mesh, train=True)
+  if extras.get("data"):
+    batches.set_state(extras["data"])
+  step_fn = parallel.jit_step(
+      functools.partial(ldm_step.ldm_train_step, models=models, tx=tx, config=config.train),
+      state_shardings, parallel.batch_sharding(mesh), extra_shardings=(frozen_shardings,))
+  checkpoint_config = {"job": config.to_dict(), "models": sampling.models_to_config(models),
+                       "tokenizer": reference, "max_length": config.max_length}
+
+  def save(step, state):
+    checkpoint.save(manager, step, {"state": state, "frozen": frozen}, config=checkpoint_config,
+                    extras={"data": batches.get_state()})
+
+  writer = metric_writers.MetricWriter(workdir, resume_step=int(state.step))
+  eval_fn = jax.jit(functools.partial(ldm_step.ldm_eval_step, models=models,
+                                      config=config.train))
+
+  def eval_hook(step, state):
+    params = state.ema_params if state.ema_params is not None else state.params
+    eval_batches = loop.make_batches(config, data, "validation", tokenizer=tokenizer,
+                                     max_length=config.max_length, mesh=mesh, train=False)
+    metrics = loop.evaluate(lambda b: eval_fn(params, b, rng_eval, frozen), eval_batches,
+                            BATCH_KEYS)
+    writer.write(step, metrics, split="eval")
+
+  samples_dir = workdir / "samples"
+  prompts = _sample_prompts(config, data, tokenizer, mesh)
+  tokens = tokenizer_lib.tokenize(tokenizer, prompts, config.max_length)
+  generate_fn = sampling.make_generate_fn(models, sampler=config.sample.sampler,
+                                          num_steps=config.sample.num_steps)
+
+  def sample_hook(step, state):
+    unet_params = state.ema_params if state.ema_params is not None else state.params
+    params = {"unet": unet_params, "vae": frozen["vae"], "text": frozen["text"]}
+    images = generate_fn(params, tokens["input_ids"], tokens["attention_mask"], rng_sample,
+                         config.sample.guidance_scale, config.sample.eta)
+    loop.save_grid(samples_dir / f"step_{step:07d}.png", loop.to_host(images), prompts,
+                   synthetic=True,
+                   title=f"fundax LDM, step {step}, {config.sample.sampler} "
+                   f"{config.sample.num_steps} steps, guidance {config.sample.guidance_scale}")
+
+  try:
+    loop.train_loop(
+        state, step_fn=step_fn, batches=batches, batch_keys=BATCH_KEYS, rng=rng_train,
+        extra=(frozen,), num_steps=config.stop_at_step or config.num_steps, writer=writer,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
+        hooks=[loop.Hook(config.eval_every, eval_hook),
+               loop.Hook(config.sample.every, sample_hook)])
+  finally:
+    checkpoint.wait(manager)
+    manager.close()
+    writer.close()
+  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
+          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
+
+
+def _sample_prompts(config, data, tokenizer, mesh) -> list[str]:
+  """Captions of the first validation examples: the prompts of every sample grid."""
+  batches = loop.make_batches(config, data, "validation", tokenizer=tokenizer,
+                              max_length=config.max_length, mesh=mesh, train=False)
+  captions = []
+  for batch in batches:
+    captions += [str(c) for c in batch["caption"]]
+    if len(captions) >= config.sample.num_images:
+      break
+  return captions[:config.sample.num_images]

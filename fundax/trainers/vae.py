@@ -1,0 +1,153 @@
+"""VAE training job: `run(config, workdir)` for configs/vae.py.
+
+A short sequence of library calls: build the dataset, build the autoencoder (and, when the
+adversarial term is on, the PatchGAN discriminator), create (or restore) the sharded train
+state over the {"vae", "disc"} params, then `train_loop` with the pure `vae_train_step`,
+periodic validation metrics (L1, PSNR, SSIM, KL) and reconstruction grids. Its checkpoints
+are what configs/ldm.py's `vae_checkpoint` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fundax import checkpoint
+from fundax import parallel
+from fundax.data import tokenizer as tokenizer_lib
+from fundax.models import discriminator as disc_lib
+from fundax.models import vae as vae_lib
+from fundax.train import loop
+from fundax.train import metric_writers
+from fundax.train import optim
+from fundax.train import state as state_lib
+from fundax.train import vae_step
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("image",)
+# The pipeline tokenises captions whatever the job; the VAE ignores them.
+MAX_LENGTH = 8
+
+
+def build_models(config: ml_collections.ConfigDict):
+  """(VAEConfig, AutoencoderKL, PatchDiscriminator or None) of a configs/vae.py config."""
+  dtype = jnp.dtype(config.model.dtype)
+  levels = len(config.model.block_out_channels)
+  vae_config = vae_lib.VAEConfig(
+      block_out_channels=tuple(config.model.block_out_channels),
+      down_block_types=("DownEncoderBlock2D",) * levels,
+      up_block_types=("UpDecoderBlock2D",) * levels,
+      layers_per_block=config.model.layers_per_block,
+      latent_channels=config.model.latent_channels,
+      norm_num_groups=config.model.norm_num_groups, sample_size=config.resolution,
+      scaling_factor=config.model.scaling_factor)
+  discriminator = None
+  if config.train.adv_weight > 0:
+    discriminator = disc_lib.PatchDiscriminator(
+        base_channels=config.disc.base_channels, num_layers=config.disc.num_layers,
+        dtype=dtype)
+  return vae_config, vae_lib.AutoencoderKL(vae_config, dtype=dtype), discriminator
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Trains (or resumes training) the autoencoder.
+
+  Args:
+    config: a configs/vae.py config.
+    workdir: output directory; rerunning with the same one resumes from its last checkpoint.
+
+  Returns:
+    Output name -> path, for the CLI to print.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = loop.prepare_data(config, workdir)
+  rng_init, rng_train = jax.random.split(jax.random.key(config.seed, impl=config.prng_impl))
+  vae_config, vae, discriminator = build_models(config)
+  tokenizer = tokenizer_lib.make_tokenizer()
+  mesh = parallel.make_mesh(config.mesh)
+  rules = [tuple(r) for r in config.sharding_rules]
+  tx = optim.make_optimizer({**config.optim.to_dict(), "total_steps": config.num_steps})
+
+  def make_state(rng):
+    rng_vae, rng_disc = jax.random.split(rng)
+    image = jnp.zeros((1, config.resolution, config.resolution, 3))
+    params = {"vae": vae.init(rng_vae, image)["params"]}
+    if discriminator is not None:
+      params["disc"] = discriminator.init(rng_disc, image)["params"]
+    return state_lib.create(params, tx, ema=config.train.ema_decay > 0)
+
+  abstract = {"state": parallel.abstract_sharded(make_state, rng_init, mesh, rules)}
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract["state"])
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
+  restored, extras, source = checkpoint.restore_or_init(
+      manager, abstract,
+      lambda: {"state": parallel.init_sharded(make_state, rng_init, mesh, rules)},
+      resume_path=config.resume_path or None)
+  state = restored["state"]
+  log.info("VAE state from %s at step %d", source, int(state.step))
+
+  batches = loop.make_batches(config, data, "train", tokenizer=tokenizer,
+                              max_length=MAX_LENGTH, mesh=mesh, train=True)
+  if extras.get("data"):
+    batches.set_state(extras["data"])
+  step_fn = parallel.jit_step(
+      functools.partial(vae_step.vae_train_step, vae=vae, discriminator=discriminator, tx=tx,
+                        config=config.train),
+      state_shardings, parallel.batch_sharding(mesh))
+  checkpoint_config = {"job": config.to_dict(), "models": {"vae": vae_config.to_diffusers()}}
+
+  def save(step, state):
+    checkpoint.save(manager, step, {"state": state}, config=checkpoint_config,
+                    extras={"data": batches.get_state()})
+
+  writer = metric_writers.MetricWriter(workdir, resume_step=int(state.step))
+  eval_fn = jax.jit(functools.partial(vae_step.vae_eval_step, vae=vae))
+  reconstruct = jax.jit(lambda params, x: jnp.clip(vae.apply({"params": params["vae"]}, x),
+                                                   -1.0, 1.0))
+
+  def eval_batches():
+    return loop.make_batches(config, data, "validation", tokenizer=tokenizer,
+                             max_length=MAX_LENGTH, mesh=mesh, train=False)
+
+  def eval_hook(step, state):
+    params = state.ema_params if state.ema_params is not None else state.params
+    metrics = loop.evaluate(lambda b: eval_fn(params, b), eval_batches(), BATCH_KEYS)
+    writer.write(step, metrics, split="eval")
+
+  samples_dir = workdir / "samples"
+
+  def sample_hook(step, state):
+    params = state.ema_params if state.ema_params is not None else state.params
+    batch = next(eval_batches())
+    originals = loop.to_host(batch["image"])[:config.num_samples]
+    recons = loop.to_host(reconstruct(params, batch["image"]))[:config.num_samples]
+    # Phantom "originals" are synthetic too; real photographs are not stamped.
+    synthetic = loop.to_host(batch["synthetic"])[:config.num_samples]
+    images = [im for pair in zip(originals, recons) for im in pair]
+    captions = [c for i in range(len(originals))
+                for c in (f"original {i}", f"reconstruction {i}")]
+    loop.save_grid(samples_dir / f"step_{step:07d}.png", np.stack(images), captions,
+                   synthetic=[flag for s in synthetic for flag in (bool(s), True)],
+                   title=f"fundax VAE, step {step}: validation images and reconstructions")
+
+  try:
+    loop.train_loop(
+        state, step_fn=step_fn, batches=batches, batch_keys=BATCH_KEYS, rng=rng_train,
+        num_steps=config.stop_at_step or config.num_steps, writer=writer,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
+        hooks=[loop.Hook(config.eval_every, eval_hook),
+               loop.Hook(config.sample_every, sample_hook)])
+  finally:
+    checkpoint.wait(manager)
+    manager.close()
+    writer.close()
+  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
+          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}

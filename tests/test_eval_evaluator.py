@@ -1,0 +1,126 @@
+"""The evaluator network, its save/load round trip, and its trainer end to end with resume."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fundax import configlib
+from fundax.eval import evaluator as ev
+from fundax.eval import evaluator_train
+from fundax.interop import params_io
+
+TINY = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "resolution": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = ev.make_model(TINY)
+  return model, ev.init_params(model, jax.random.key(0), 32)
+
+
+def test_features_and_predictions_shapes_and_codes(tiny):
+  model, params = tiny
+  images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+  feats = ev.features(model, params, images)
+  assert feats.shape == (5, 16)  # width 8, doubled once
+  pred = ev.predict(model, params, images)
+  assert set(pred) == set(ev.HEADS)
+  assert pred["dr_grade"].shape == (5,) and pred["dr_grade"].max() < 5
+  assert np.all((pred["cdr"] >= 0) & (pred["cdr"] <= 1))
+  # Padded batches give the same answers as one exact batch.
+  np.testing.assert_allclose(ev.features(model, params, images, batch_size=2), feats, atol=1e-5)
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+  model, params = tiny
+  ev.save_evaluator(tmp_path / "ev", params, TINY, extra={"note": "test"})
+  loaded = ev.load_evaluator(tmp_path / "ev")
+  images = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(loaded.features(images), ev.features(model, params, images),
+                             atol=1e-6)
+  # Other sizes are resized to the evaluator's resolution; uint8 is accepted.
+  big = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  assert loaded.features(big).shape == (2, 16)
+  assert json.loads((tmp_path / "ev" / "config.json").read_text())["kind"] == "evaluator"
+  with pytest.raises(ValueError, match="expected 'vae'"):
+    params_io.load_params(tmp_path / "ev", expected_kind="vae")
+
+
+def test_targets_from_labels_codes():
+  from fundax.data import labels as labels_lib
+  labels = [labels_lib.FundusLabels(laterality="left", quality="reject", dr_grade=3, dme=True,
+                                    cdr=0.4, amd_stage=1, hypertensive_grade=2)]
+  t = ev.targets_from_labels(labels)
+  assert {k: v[0].item() for k, v in t.items()} == pytest.approx(
+      {"dr_grade": 3, "dme": 1, "cdr": 0.4, "amd_stage": 1, "hypertensive_grade": 2,
+       "quality": 2, "laterality": 1})
+  with pytest.raises(ValueError, match="amd_stage"):
+    ev.targets_from_labels([labels_lib.FundusLabels(dr_grade=1)], heads=("amd_stage",))
+
+
+def test_overfits_one_batch():
+  model = ev.make_model({**TINY, "width": 16, "heads": {"dr_grade": 5, "cdr": 1}})
+  rng = np.random.default_rng(3)
+  # 2x2 blocks of colour: images a global-average-pooled network can tell apart.
+  images = rng.uniform(-1, 1, (8, 2, 2, 3)).repeat(8, 1).repeat(8, 2).astype(np.float32)
+  targets = {"dr_grade": np.arange(8, dtype=np.int32) % 5,
+             "cdr": rng.uniform(0.2, 0.8, 8).astype(np.float32)}
+  params = ev.init_params(model, jax.random.key(3), 16)
+  opt = {"lr": 1e-2, "total_steps": 100, "end_lr_factor": 1.0}
+  before, _ = evaluator_train.loss_fn(model, params, images, targets)
+  state = evaluator_train.fit(model, params, opt, images, targets, steps=100, batch_size=8,
+                              seed=0)
+  after, _ = evaluator_train.loss_fn(model, state.params, images, targets)
+  assert float(after) < 0.05 * float(before)
+  np.testing.assert_array_equal(ev.predict(model, state.params, images)["dr_grade"],
+                                targets["dr_grade"])
+
+
+def _config(steps=6):
+  config = configlib.load_config("configs/evaluator.py:tiny")
+  configlib.apply_overrides(config, [
+      "data.num_train=32", "data.num_heldout=8", f"optim.total_steps={steps}",
+      "optim.warmup_steps=1", "batch_size=8", "model.width=8", "model.stage_sizes=(1, 1)",
+      "log_every=2", "checkpoint_every=3"])
+  return config
+
+
+def test_train_evaluator_end_to_end_and_resume(tmp_path, monkeypatch):
+  config = _config()
+  full = evaluator_train.train_evaluator(config, str(tmp_path / "full"))
+  assert set(full["heldout_accuracy"]) >= {"dr_grade_accuracy", "dr_grade_majority", "cdr_mae",
+                                           "laterality_accuracy"}
+  rows = [json.loads(l) for l in open(full["metrics"])]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  loaded = ev.load_evaluator(full["evaluator_dir"])
+  assert loaded.resolution == 64
+
+  # Interrupt a second run after step 4 (its step-3 checkpoint is on disk), then resume it.
+  real_make = evaluator_train.make_train_step
+  def interrupted(model, optim_config):
+    optimizer, init_state, step_fn = real_make(model, optim_config)
+    calls = []
+    def step(*args):
+      calls.append(1)
+      if len(calls) > 4:
+        raise KeyboardInterrupt
+      return step_fn(*args)
+    return optimizer, init_state, step
+  monkeypatch.setattr(evaluator_train, "make_train_step", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    evaluator_train.train_evaluator(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(evaluator_train, "make_train_step", real_make)
+  resumed = evaluator_train.train_evaluator(config, str(tmp_path / "resumed"))
+  # Steps 4-6 are replayed with the same batches: the same params as the uninterrupted run.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               loaded.params, ev.load_evaluator(resumed["evaluator_dir"]).params)
+
+
+def test_head_metrics_hand_case():
+  out = evaluator_train.head_metrics(
+      {"dr_grade": np.array([0, 0, 2, 1]), "cdr": np.array([0.3, 0.5])},
+      {"dr_grade": np.array([0, 0, 0, 1]), "cdr": np.array([0.35, 0.7])})
+  assert out == pytest.approx({"dr_grade_accuracy": 0.75, "dr_grade_majority": 0.75,
+                               "cdr_mae": 0.125, "cdr_accuracy": 0.5})

@@ -1,0 +1,83 @@
+"""Tests for the VAE step's loss pieces, the PatchGAN discriminator and the metric writer."""
+
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fundax.models import discriminator as disc_lib
+from fundax.train import metric_writers
+from fundax.train import vae_step
+
+
+def test_ssim_identity_and_degradation():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  np.testing.assert_allclose(vae_step.ssim(x, x), [1.0, 1.0], atol=1e-5)
+  noisy = x + 0.5 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  s = np.asarray(vae_step.ssim(x, noisy))
+  assert np.all(s < 0.9) and np.all(s > -1)
+  # A constant image against itself shifted: only the luminance term differs.
+  a, b = jnp.zeros((1, 11, 11, 1)), jnp.full((1, 11, 11, 1), 0.2)  # [0, 1] means 0.5, 0.6
+  c1 = 0.01 ** 2
+  expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)
+  # float32 cancellation in E[x^2] - E[x]^2 leaves ~1e-7 variances against c2 = 9e-4.
+  np.testing.assert_allclose(vae_step.ssim(a, b), [expected], rtol=1e-3)
+
+
+def test_reconstruction_and_hinge_by_hand():
+  x = jnp.zeros((2, 2, 2, 1))
+  y = jnp.stack([jnp.full((2, 2, 1), 0.5), jnp.full((2, 2, 1), -2.0)])
+  np.testing.assert_allclose(vae_step.reconstruction_error(x, y, "l1"), [0.5, 2.0])
+  np.testing.assert_allclose(vae_step.reconstruction_error(x, y, "l2"), [0.25, 4.0])
+  real = jnp.array([[2.0, 0.5]])  # relu(1 - D): 0, 0.5 -> 0.25
+  fake = jnp.array([[-3.0, 0.0]])  # relu(1 + D): 0, 1 -> 0.5
+  np.testing.assert_allclose(vae_step.hinge_discriminator_loss(real, fake), [0.75])
+
+
+def test_patch_discriminator_shape():
+  disc = disc_lib.PatchDiscriminator(base_channels=8, num_layers=2, norm_groups=4)
+  x = jnp.zeros((2, 32, 32, 3))
+  params = jax.jit(disc.init)(jax.random.key(0), x)
+  logits = disc.apply(params, x)
+  # 32 -> 16 (conv_in) -> 8 (conv_1) -> 7 (conv_2, stride 1) -> 6 (conv_out).
+  assert logits.shape == (2, 6, 6, 1) and logits.dtype == jnp.float32
+
+
+def test_crc32c_check_value():
+  assert metric_writers.crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+def read_records(path):
+  """Parses TFRecord framing, verifying both masked CRCs; returns the payloads."""
+  data, out, i = path.read_bytes(), [], 0
+  while i < len(data):
+    header = data[i:i + 8]
+    (length,) = struct.unpack("<Q", header)
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == metric_writers.masked_crc32c(header)
+    payload = data[i + 12:i + 12 + length]
+    crc = struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0]
+    assert crc == metric_writers.masked_crc32c(payload)
+    out.append(payload)
+    i += 16 + length
+  return out
+
+
+def test_metric_writer_jsonl_events_and_resume(tmp_path):
+  with metric_writers.MetricWriter(tmp_path) as writer:
+    writer.write(1, {"loss": jnp.float32(0.5), "name": "skipped"})
+    writer.write(2, {"loss": 0.25})
+    writer.write(2, {"loss": 1.0}, split="eval")
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"], r["loss"]) for r in records] == [
+      (1, "train", 0.5), (2, "train", 0.25), (2, "eval", 1.0)]
+  assert "name" not in records[0]
+  payloads = read_records(writer.events_path)
+  assert len(payloads) == 4 and b"brain.Event:2" in payloads[0]
+  assert b"train/loss" in payloads[2] and struct.pack("<f", 0.25) in payloads[2]
+  # Resuming from step 1 drops the records of steps that will be recomputed.
+  metric_writers.MetricWriter(tmp_path, resume_step=1).close()
+  kept = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert kept == [1]
