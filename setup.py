@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.8",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
+    # jax.export (de)serialisation: a user's exported Inception feature function (fundax.eval).
+    "flatbuffers>=24,<26",
     # tensorflow-datasets imports it for builders defined in packages but declares it only for
     # Python < 3.9.
     "importlib_resources>=5",
@@ -42,12 +44,18 @@ EXTRAS = {
         "schemathesis>=4,<5",
         "hypothesis>=6,<7",
         "psycopg[binary]>=3.1,<4",
+        # Independent reference answers for kappa and AUROC (tests/test_eval_consistency.py).
+        "scikit-learn>=1.4,<2",
+        # libtpu (XLA's TPU compiler, matched to jax): tests/test_aot.py compiles for a TPU
+        # topology on the CPU host.
+        "jax[tpu]>=0.6,<0.12",
     ],
     # A PostgreSQL server as the feedback store (a SQLite file needs nothing extra).
     "postgres": ["psycopg[binary]>=3.1,<4"],
     # Reading ODIR-5K's original .xlsx annotation (a CSV export needs nothing extra).
     "odir": ["openpyxl>=3.1,<4"],
-    # Cloud TPU VMs (and ahead-of-time compilation for TPU topologies on a CPU host).
+    # Cloud TPU VMs, and `fundax aot` (compiling for a TPU topology on a CPU host): jax[tpu]
+    # pins the libtpu release built for that jax (jax 0.10.2: libtpu 0.0.42.*).
     "tpu": ["jax[tpu]>=0.6,<0.12"],
 }
 

@@ -29,6 +29,7 @@ step's loss is compared too (same weights, same batch). Every timed block record
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -44,6 +45,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TOL = 1e-4
+TOL_BF16 = 5e-2  # bfloat16 compute keeps ~3 significant digits
+# Defaults of the fundax levers (command-line flags); a run's JSON records the ones it used.
+LEVERS = dict(conv_impl="native", dtype="float32", remat=False, allocator="default",
+              xla_flags="")
 
 # The two benchmark UNets (diffusers UNet2DConditionModel kwargs) and their batches.
 SIZES = {
@@ -152,8 +157,11 @@ def torch_worker(spec: dict, directory: str, threads: int):
   return ready, dict(forward=forward, train=train), set_mode, losses
 
 
-def jax_worker(spec: dict, directory: str, threads: int):
-  """Imports the saved model into fundax, compiles, checks parity, then serves requests."""
+def jax_worker(spec: dict, directory: str, threads: int, levers: dict):
+  """Imports the saved model into fundax, compiles, checks parity, then serves requests.
+
+  `levers` (see LEVERS) change how fundax computes, never what: conv_impl, dtype, remat.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -162,11 +170,12 @@ def jax_worker(spec: dict, directory: str, threads: int):
   from fundax.models import unet  # pylint: disable=import-outside-toplevel
 
   t0 = time.perf_counter()
-  config, params = dfx.import_unet(directory)
+  config, params = dfx.import_unet(directory, remat=levers["remat"])
+  config = dataclasses.replace(config, conv_impl=levers["conv_impl"])
   params = jax.block_until_ready(jax.device_put(params))
   params_s = time.perf_counter() - t0
 
-  model = unet.UNet2DConditionModel(config)
+  model = unet.UNet2DConditionModel(config, dtype=jnp.dtype(levers["dtype"]))
   tx = optax.adamw(LR, eps=EPS, weight_decay=WEIGHT_DECAY)
   raw = make_batch(spec)
   batch = dict(latents=jnp.asarray(raw["latents"].transpose(0, 2, 3, 1)),
@@ -176,7 +185,8 @@ def jax_worker(spec: dict, directory: str, threads: int):
   ac_table = jnp.asarray(alphas_cumprod())
 
   def forward_fn(params, batch):
-    return model.apply({"params": params}, batch["latents"], batch["timesteps"], batch["text"])
+    out = model.apply({"params": params}, batch["latents"], batch["timesteps"], batch["text"])
+    return out.astype(jnp.float32)
 
   def train_step(state, batch):
     params, opt_state = state
@@ -185,7 +195,7 @@ def jax_worker(spec: dict, directory: str, threads: int):
 
     def loss_fn(p):
       pred = model.apply({"params": p}, noisy, batch["timesteps"], batch["text"])
-      return jnp.mean((pred - batch["noise"]) ** 2)
+      return jnp.mean((pred.astype(jnp.float32) - batch["noise"]) ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -205,14 +215,16 @@ def jax_worker(spec: dict, directory: str, threads: int):
   out = np.asarray(forward(params, batch))
   ref = np.load(os.path.join(directory, "reference_output.npy"))
   err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
-  if not err < TOL:
-    raise SystemExit(f"fundax and diffusers outputs differ: rel err {err:.2e} >= {TOL}")
+  tol = TOL if levers["dtype"] == "float32" else TOL_BF16
+  if not err < tol:
+    raise SystemExit(f"fundax and diffusers outputs differ: rel err {err:.2e} >= {tol}")
   ready = dict(init=dict(params_s=params_s, forward_compile_s=forward_compile_s,
                          opt_init_s=opt_init_s, train_compile_s=train_compile_s),
                parity_rel_err=err, version=jax.__version__,
                param_count=sum(x.size for x in jax.tree.leaves(params)),
                devices=str(jax.devices()), threads=threads,
-               xla_flags=os.environ.get("XLA_FLAGS", ""))
+               xla_flags=os.environ.get("XLA_FLAGS", ""), levers=levers,
+               ld_preload=os.environ.get("LD_PRELOAD", ""))
   holder = dict(state=state)
   losses = []
 
@@ -226,14 +238,16 @@ def jax_worker(spec: dict, directory: str, threads: int):
   return ready, dict(forward=run_forward, train=run_train), lambda op: None, losses
 
 
-def worker_main(framework: str, size: str, directory: str, threads: int):
+def worker_main(framework: str, size: str, directory: str, threads: int, levers: dict):
   """Serves the parent: one JSON line per request on the original stdout."""
   channel = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)  # library prints must not corrupt the channel
   if framework == "jax":
     sys.path.insert(0, str(ROOT))
-  build = torch_worker if framework == "torch" else jax_worker
-  ready, ops, set_mode, losses = build(SIZES[size], directory, threads)
+  if framework == "torch":
+    ready, ops, set_mode, losses = torch_worker(SIZES[size], directory, threads)
+  else:
+    ready, ops, set_mode, losses = jax_worker(SIZES[size], directory, threads, levers)
   ready["rss_after_init_mib"] = peak_rss_mib()
   channel.write(json.dumps(ready) + "\n")
   for line in sys.stdin:
@@ -250,24 +264,30 @@ def worker_main(framework: str, size: str, directory: str, threads: int):
 
 # One thread for XLA's CPU client (its default is one per core).
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
 
 
 class Worker:
   """A worker subprocess and its request/response channel."""
 
   def __init__(self, framework: str, size: str, directory: str, threads: int,
-               omp_wait_policy: str):
+               omp_wait_policy: str, levers: dict):
     self.framework = framework
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if framework == "torch" and omp_wait_policy != "default":
       env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
-    if framework == "jax" and threads == 1:
-      env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), XLA_ONE_THREAD]))
+    if framework == "jax":
+      env["XLA_FLAGS"] = " ".join(filter(None, [
+          env.get("XLA_FLAGS"), XLA_ONE_THREAD if threads == 1 else "", levers["xla_flags"]]))
+      if levers["allocator"] == "jemalloc":
+        if not os.path.isfile(JEMALLOC):
+          raise SystemExit(f"--allocator jemalloc: {JEMALLOC} missing (apt install libjemalloc2)")
+        env["LD_PRELOAD"] = JEMALLOC
     self.load_at_start = os.getloadavg()[0]
     self.proc = subprocess.Popen(
         [sys.executable, __file__, "--worker", framework, "--size", size, "--dir", directory,
-         "--threads", str(threads)],
+         "--threads", str(threads), "--levers", json.dumps(levers)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     self.ready = self.receive()
     self.ready["load_during_init"] = [self.load_at_start, os.getloadavg()[0]]
@@ -289,6 +309,11 @@ class Worker:
     return final
 
 
+def cold_start(init: dict) -> float:
+  """Seconds from nothing to a compiled train step: params, optimizer init, train compile."""
+  return init["params_s"] + init["opt_init_s"] + init["train_compile_s"]
+
+
 def load_stats(blocks: list[dict]) -> dict:
   loads = [b["load"] for b in blocks]
   return dict(median=statistics.median(loads), min=min(loads), max=max(loads))
@@ -304,14 +329,14 @@ def summarize(blocks: list[dict], batch: int) -> dict:
               cpu_s_per_iteration=cpu, load_avg_1min=load_stats(blocks))
 
 
-def run(size: str, quick: bool, threads: int, omp_wait_policy: str) -> dict:
+def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict) -> dict:
   spec = dict(SIZES[size], **(QUICK if quick else {}))
   load_start = os.getloadavg()
   with tempfile.TemporaryDirectory(prefix=f"unet_bench_{size}_") as directory:
     print(f"[{size}] starting PyTorch worker (builds and saves the model)", flush=True)
-    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy)}
+    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy, levers)}
     print(f"[{size}] starting fundax worker (import, compile, parity)", flush=True)
-    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy)
+    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy, levers)
     print(f"[{size}] parity rel err {workers['fundax'].ready['parity_rel_err']:.2e}; "
           f"init: {json.dumps({k: w.ready['init'] for k, w in workers.items()})}", flush=True)
     blocks = {name: {"forward": [], "train": []} for name in workers}
@@ -345,7 +370,9 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str) -> dict:
   frameworks["pytorch"].update(diffusers_version=workers["pytorch"].ready["diffusers_version"],
                                omp_wait_policy=workers["pytorch"].ready["omp_wait_policy"])
   frameworks["fundax"].update(devices=workers["fundax"].ready["devices"],
-                              xla_flags=workers["fundax"].ready["xla_flags"])
+                              xla_flags=workers["fundax"].ready["xla_flags"],
+                              ld_preload=workers["fundax"].ready["ld_preload"],
+                              levers=levers)
   fx, pt = frameworks["fundax"], frameworks["pytorch"]
   ratios = dict(  # fundax / pytorch: above 1 means fundax is faster (throughput)
       forward_images_per_s=fx["forward"]["images_per_s"] / pt["forward"]["images_per_s"],
@@ -354,7 +381,8 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str) -> dict:
                                 / pt["forward"]["images_per_cpu_s"]),
       train_images_per_cpu_s=fx["train"]["images_per_cpu_s"] / pt["train"]["images_per_cpu_s"],
       peak_rss=fx["peak_rss_mib"] / pt["peak_rss_mib"],
-      init_time=sum(fx["init"].values()) / pt["init"]["construction_s"])
+      init_time=sum(fx["init"].values()) / pt["init"]["construction_s"],
+      cold_start_s=cold_start(fx["init"]))
   loss_a, loss_b = fx["first_train_loss"], pt["first_train_loss"]
   return dict(
       benchmark="fundax Flax UNet vs diffusers PyTorch UNet2DConditionModel, same weights, f32",
@@ -396,7 +424,8 @@ def markdown(result: dict) -> str:
       f"{result['date'][:10]}, jax {fx['version']} / torch {pt['version']} "
       f"(OMP_WAIT_POLICY {pt['omp_wait_policy']}); forward parity rel err "
       f"{result['parity']['forward_rel_err']:.1e}, first-step loss rel diff "
-      f"{result['parity']['first_train_loss_rel_diff']:.1e}",
+      f"{result['parity']['first_train_loss_rel_diff']:.1e}; fundax levers "
+      f"{ {k: v for k, v in fx.get('levers', LEVERS).items() if v != LEVERS[k]} or 'none'}",
       "",
       "| | fundax (JAX/XLA) | diffusers (PyTorch) | fundax / PyTorch |",
       "|---|---|---|---|",
@@ -409,6 +438,7 @@ def markdown(result: dict) -> str:
       f"{init['forward_compile_s']:.1f}, opt init {init['opt_init_s']:.1f}, train compile "
       f"{init['train_compile_s']:.1f} | {pt['init']['construction_s']:.1f} (construction) | "
       f"{ratio['init_time']:.1f}x |",
+      f"| cold start to a compiled train step, s | {cold_start(init):.1f} | | |",
       f"| peak RSS, MiB | {fx['peak_rss_mib']:.0f} | {pt['peak_rss_mib']:.0f} | "
       f"{ratio['peak_rss']:.2f}x |",
       f"| load avg (1 min) in timed blocks, median [min-max] | {load(fx)} | {load(pt)} | |",
@@ -424,13 +454,28 @@ def main():
   parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"),
                       default="passive", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads")
   parser.add_argument("--out", help="results JSON (default bench/results/unet_<size>.json)")
+  parser.add_argument("--conv-impl", choices=("native", "matmul"),
+                      default=LEVERS["conv_impl"],
+                      help="fundax: convolutions as XLA convs or as im2col matmuls")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      default=LEVERS["dtype"],
+                      help="fundax compute dtype (params and optimizer stay float32)")
+  parser.add_argument("--remat", action="store_true", help="fundax: rematerialise blocks")
+  parser.add_argument("--allocator", choices=("default", "jemalloc"),
+                      default=LEVERS["allocator"],
+                      help="fundax worker's malloc (jemalloc via LD_PRELOAD)")
+  parser.add_argument("--xla-flags", default=LEVERS["xla_flags"],
+                      help="extra XLA_FLAGS for the fundax worker")
+  parser.add_argument("--levers", help=argparse.SUPPRESS)
   parser.add_argument("--worker", choices=("torch", "jax"), help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.size, args.dir, args.threads)
+    worker_main(args.worker, args.size, args.dir, args.threads, json.loads(args.levers))
     return
-  result = run(args.size, args.quick, args.threads, args.omp_wait_policy)
+  levers = dict(conv_impl=args.conv_impl, dtype=args.dtype, remat=args.remat,
+                allocator=args.allocator, xla_flags=args.xla_flags)
+  result = run(args.size, args.quick, args.threads, args.omp_wait_policy, levers)
   print(json.dumps(result["ratios_fundax_over_pytorch"]))
   print()
   print(markdown(result))

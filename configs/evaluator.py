@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.batch_size = 32 if tiny else 64  # images per optimizer step
   c.log_every = 25 if tiny else 100  # steps between metrics.jsonl rows
   c.checkpoint_every = 100 if tiny else 1000  # steps between checkpoints
+  c.class_balance = True  # weight each class's cross-entropy by its inverse frequency
 
   c.data = ml_collections.ConfigDict()
   c.data.resolution = 64 if tiny else 128  # image side in pixels
@@ -36,6 +37,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.width = 16 if tiny else 32  # channels of the first stage (doubled per stage)
   c.model.stage_sizes = (1, 1, 1) if tiny else (2, 2, 2, 2)  # residual blocks per stage
+  c.model.contrast = True  # add image - Gaussian blur channels (small lesions stand out)
+  c.model.max_pool = True  # global max beside average pooling (a few lesions are enough)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3 if tiny else 1e-3  # peak learning rate

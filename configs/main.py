@@ -1,27 +1,136 @@
-"""The main job on the embedded default: build the phantom fundus dataset, write a preview.
+"""The main job: phantom data -> VAE -> LDM -> grids -> evaluator + Selector -> RLHF -> report.
 
-  fundax main --config configs/main.py --workdir runs/main          # 128 px, 2560 images
-  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, 48 images (CPU demo)
+  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, ~12 min, 2 CPU cores
+  fundax main --config configs/main.py --workdir runs/main          # 128 px (an accelerator)
+  fundax main --config configs/main.py:test --workdir /tmp/t        # seconds per stage (tests)
 
-Expect `<workdir>/data/` (TFDS array_record dataset), `<workdir>/preview.png` (a labelled grid
-of synthetic images with their captions) and `<workdir>/data_stats.json`.
+Each stage's section is the config of its own job, so any field can be overridden:
+`vae` (configs/vae.py), `ldm` (configs/ldm.py), `evaluator` (configs/evaluator.py),
+`selector` (configs/selector.py) and `rlhf` (configs/rlhf.py; its ldm/selector/evaluator
+checkpoints are the earlier stages' outputs), e.g. `--config.ldm.num_steps=2000` or
+`--config.rlhf.num_rounds=4`. The VAE and the LDM train
+on the one dataset `data` (their own `data` sections are dropped) at `resolution`.
+Expect in the workdir: `data/`, `data_stats.json`, `preview.png`; `vae/` and `ldm/` (trainer
+runs: checkpoints, metrics.jsonl, samples/); `grids/dr<G>_<eye>.png` (SYNTHETIC-stamped samples
+for DR grade G and each eye) and `grids/overview.png`; `evaluator/`, `selector/`;
+`rlhf/` (the RLHF run: best/ is the kept model, report/ its curves and before/after grids,
+feedback/ the simulated raters' database); `report/report.html` + `report/metrics.json` (the
+kept model, with the RLHF section); `stages/<stage>.json` (one per finished stage) and
+`summary.json` (per-stage wall and CPU times, key metrics). Rerun the command to resume: finished
+stages are skipped, interrupted training continues from its last checkpoint.
 """
+
+import pathlib
 
 import ml_collections
 
+from fundax import configlib
 from fundax.data.config import data_config
+
+VARIANTS = ("default", "tiny", "test")
+_CONFIGS = pathlib.Path(__file__).resolve().parent
+
+
+def _job_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """Another job's config file (configs/<name>.py), unlocked for the main job's overrides."""
+  config = configlib.load_config(str(_CONFIGS / f"{name}.py") + (f":{arg}" if arg else ""))
+  config.unlock()
+  return config
+
+
+def _trainer_config(name: str, arg: str | None, c: ml_collections.ConfigDict):
+  """A VAE / LDM config that trains on the main job's dataset at its resolution."""
+  config = _job_config(name, arg)
+  del config["data"]  # the main job passes its own `data` section (one dataset for both)
+  config.resolution = c.get_ref("resolution")
+  return config
 
 
 def get_config(arg=None):
   variant = arg or "default"
-  if variant not in ("default", "tiny"):
-    raise ValueError(f"configs/main.py variants: default, tiny; got {variant!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/main.py variants: {', '.join(VARIANTS)}; got {variant!r}")
+  small = variant in ("tiny", "test")
+  test = variant == "test"
+  sub = "tiny" if small else None  # variant of the stage configs
   c = ml_collections.ConfigDict()
-  c.seed = 0  # root seed of the job
-  c.data = data_config("phantom_tiny" if variant == "tiny" else "phantom")
+  c.seed = 0  # seed of the preview and of the grid and report prompts
+  c.stop_after = ""  # last stage to run ("" = all), e.g. "data" or "ldm"
+  c.data = data_config("phantom_tiny" if small else "phantom")
+  c.data.num_train = 12 if test else 512 if small else c.data.num_train
+  c.data.num_test = 16 if test else 64 if small else c.data.num_test  # report prompts, TSTR
+  c.resolution = 64 if small else 128  # side of the images every model sees, px
+
   c.preview = ml_collections.ConfigDict()
   c.preview.split = "train"  # split shown in the preview grid
-  c.preview.num_images = 8 if variant == "tiny" else 16  # tiles in the grid
+  c.preview.num_images = 8 if small else 16  # tiles in the grid
   c.preview.columns = 4  # tiles per row
   c.preview.tile = 256  # tile size, px
+
+  c.vae = _trainer_config("vae", sub, c)
+  c.ldm = _trainer_config("ldm", sub, c)
+  # c.ldm.vae_checkpoint is set by the main job to the VAE stage's run.
+  if small:
+    v = c.vae
+    v.model.block_out_channels = (8, 16) if test else (16, 32, 64)  # 64 px -> 16 x 16 latents
+    v.num_steps = 2 if test else 150
+    v.batch_size = 8
+    v.train.adv_weight = 0.0  # no discriminator: the PatchGAN doubles the step's cost
+    v.optim.lr = 2e-3
+    v.optim.warmup_steps = 1 if test else 10
+    v.log_every = 1 if test else 10
+    v.eval_every = v.sample_every = v.checkpoint_every = 2 if test else 50
+    v.eval_batch_size = 8
+    u = c.ldm
+    u.text_encoder = "random"  # 2-layer random BERT: MiniLM costs more than the UNet here
+    u.max_length = 8 if test else 48  # tokens: enough for eye, field, quality, pigment, grade
+    u.num_steps = 2 if test else 600
+    u.batch_size = 8 if test else 16
+    u.unet.block_out_channels = (32, 32) if test else (32, 64)
+    u.unet.cross_attention = (True, False)
+    u.unet.attention_head_dim = 2 if test else 4
+    u.train.ema_decay = 0.0 if test else 0.99
+    u.optim.lr = 2e-3
+    u.optim.warmup_steps = 1 if test else 20
+    u.log_every = 1 if test else 20
+    u.eval_every = u.checkpoint_every = 2 if test else 100
+    u.eval_batch_size = 8
+    u.sample.every = 0  # the main job draws its own grids
+
+  c.grids = ml_collections.ConfigDict()
+  c.grids.grades = (0, 1, 2, 3, 4)  # DR grades with a grid each (per eye)
+  c.grids.tiles = 2 if test else 4  # prompts (one sample each) per grid
+  c.grids.prompt_seed = 3_000_000_000  # first phantom case seed of the grid prompts
+  c.grids.sampler = "ddim"  # ddim, ddpm or dpm_solver
+  c.grids.num_steps = 2 if test else 25 if small else 50  # reverse-diffusion steps
+  c.grids.guidance_scale = 3.0  # classifier-free guidance weight
+
+  c.evaluator = _job_config("evaluator", sub)
+  c.evaluator.data.resolution = c.get_ref("resolution")
+  c.selector = _job_config("selector", sub)
+  c.selector.resolution = c.get_ref("resolution")
+  if test:
+    c.evaluator.data.num_train = c.evaluator.data.num_heldout = 16
+    c.evaluator.batch_size = 8
+    c.evaluator.optim.total_steps = 2
+    c.evaluator.optim.warmup_steps = 1
+    c.selector.graded.num_train = c.selector.graded.num_heldout = 16
+    c.selector.ratings.num_synthetic = 16
+    c.selector.batch_size = c.selector.eval_batch_size = 8
+    c.selector.pairs_per_batch = 2
+    c.selector.num_steps = c.selector.checkpoint_every = 2
+    c.selector.optim.warmup_steps = 1
+
+  c.rlhf = _job_config("rlhf", "test" if test else sub)
+  c.rlhf.feedback.enabled = True  # simulated raters rate every round's candidates
+
+  c.report = ml_collections.ConfigDict()
+  c.report.num_prompts = 4 if test else 8 if small else 32  # test-split captions sampled from
+  c.report.samples_per_prompt = 2 if test else 4  # images per prompt (diversity needs >= 2)
+  c.report.batch_size = 8  # images per sampler call
+  c.report.sampler_steps = c.grids.get_ref("num_steps")  # reverse-diffusion steps
+  c.report.guidance_scale = c.grids.get_ref("guidance_scale")  # classifier-free guidance
+  c.report.num_reference = 32 if test else 256 if small else 2048  # train images compared with
+  c.report.kid_subsets = 10 if small else 50  # KID subset pairs
+  c.report.utility_steps = 2 if test else 100 if small else 1000  # TSTR classifier steps
   return c

@@ -1,46 +1,58 @@
 """Trains the KL autoencoder (VAE) whose latents the diffusion model works in.
 
   fundax train vae --config configs/vae.py --workdir runs/vae          # phantom, 128 px
-  fundax train vae --config configs/vae.py:tiny --workdir runs/vae_t   # 64 px, a few CPU steps
+  fundax train vae --config configs/vae.py:tiny --workdir runs/vae_t   # 32 px, a few CPU steps
+  fundax train vae --config configs/vae.py:base --workdir runs/vae_b   # 256 px, GPU/TPU
 
 Expect `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (rec, kl, ssim, PSNR on the
 validation split), `<workdir>/samples/step_<N>.png` (validation images next to their
 reconstructions) and `<workdir>/checkpoints/<step>/`, which `configs/ldm.py`'s `vae_checkpoint`
-takes. Interrupt and rerun the same command to resume.
+takes. Interrupt (or SIGTERM) and rerun the same command to resume.
+
+Variants: default (phantom, 128 px, 4x downsampling), tiny (32 px, tests), base (256 px,
+phantom_256, Stable Diffusion's 4-level 8x autoencoder, the VAE of configs/ldm.py:base).
 """
 
 import ml_collections
 
 from fundax.data.config import data_config
 
+VARIANTS = ("default", "tiny", "base")
+
 
 def get_config(arg=None):
   variant = arg or "default"
-  if variant not in ("default", "tiny"):
-    raise ValueError(f"configs/vae.py variants: default, tiny; got {variant!r}")
-  tiny = variant == "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/vae.py variants: {', '.join(VARIANTS)}; got {variant!r}")
+  tiny, base = variant == "tiny", variant == "base"
+
+  def pick(default, tiny_value, base_value):
+    return tiny_value if tiny else base_value if base else default
+
   c = ml_collections.ConfigDict()
   # PRNG of the root key: threefry2x32, rbg or unsafe_rbg (much faster to compile on CPU).
   c.prng_impl = "unsafe_rbg" if tiny else "threefry2x32"
   c.seed = 0  # root seed: init, step randomness, data order
-  c.data = data_config("phantom_tiny" if tiny else "phantom")
-  c.resolution = 32 if tiny else 128  # training image side, px
+  c.data = data_config(pick("phantom", "phantom_tiny", "phantom_256"))
+  c.resolution = pick(128, 32, 256)  # training image side, px
   c.flip = True  # random laterality-aware horizontal flips
   c.crop_fov = False  # crop photographs to the field of view (phantom images are centred)
-  c.mesh = ml_collections.ConfigDict({"data": -1})  # mesh axis sizes; -1 = remaining devices
+  # Mesh axis sizes; -1 = remaining devices. The batch is split over data x fsdp.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1} if base else {"data": -1})
   c.sharding_rules = ((".*", "fsdp"),)  # (regex over param paths, spec); see fundax.parallel
-  c.num_steps = 4 if tiny else 20000  # optimizer steps of the run (the LR schedule's length)
+  c.num_steps = pick(20000, 4, 50000)  # optimizer steps of the run (the LR schedule's length)
   c.stop_at_step = 0  # stop after this step (0 = num_steps), e.g. to split a run in parts
-  c.batch_size = 8 if tiny else 32  # global batch size, images
+  c.batch_size = pick(32, 8, 64)  # global batch size, images
   c.resume_path = ""  # another run's checkpoint to start from when the workdir has none
+  c.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf-loss (skipped) steps
 
   c.model = ml_collections.ConfigDict()
-  c.model.block_out_channels = (16, 32) if tiny else (64, 128, 256)  # channels per level
-  c.model.layers_per_block = 1  # resnets per encoder level (decoder: one more)
+  c.model.block_out_channels = pick((64, 128, 256), (16, 32), (128, 256, 512, 512))  # per level
+  c.model.layers_per_block = 2 if base else 1  # resnets per encoder level (decoder: one more)
   c.model.latent_channels = 4  # channels of the latent
   c.model.norm_num_groups = 8 if tiny else 32  # GroupNorm groups
   c.model.scaling_factor = 0.18215  # latent scale seen by the diffusion model
-  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+  c.model.dtype = "bfloat16" if base else "float32"  # compute dtype (params stay float32)
 
   c.disc = ml_collections.ConfigDict()
   c.disc.base_channels = 16 if tiny else 64  # first conv width of the PatchGAN
@@ -65,7 +77,7 @@ def get_config(arg=None):
 
   c.log_every = 1 if tiny else 50  # steps between train-metric records
   c.eval_every = 4 if tiny else 1000  # steps between validation passes; 0 disables
-  c.eval_batch_size = 8 if tiny else 32  # global batch size of validation
+  c.eval_batch_size = pick(32, 8, 64)  # global batch size of validation
   c.sample_every = 4 if tiny else 1000  # steps between reconstruction grids; 0 disables
   c.num_samples = 4 if tiny else 8  # validation images in a reconstruction grid
   c.checkpoint_every = 2 if tiny else 1000  # steps between checkpoints

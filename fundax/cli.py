@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 
@@ -81,6 +82,105 @@ def cmd_export(args, overrides):
   from fundax.interop import convert  # pylint: disable=g-import-not-at-top
   summary = convert.export_diffusers(args.checkpoint, args.dst)
   print(json.dumps(summary, indent=2))
+
+
+# `fundax train JOB`: the config file each job reads by default, and its entry point
+# (module, function), each called as `function(config, workdir)`.
+TRAIN_JOBS = {
+    "vae": ("fundax.trainers.vae", "run"),
+    "ldm": ("fundax.trainers.ldm", "run"),
+    "selector": ("fundax.selector.train", "train_selector"),
+    "evaluator": ("fundax.eval.evaluator_train", "train_evaluator"),
+}
+
+
+def cmd_train(args, overrides):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = configlib.load_config(args.config or f"configs/{args.job}.py")
+  configlib.apply_overrides(config, overrides)
+  module, function = TRAIN_JOBS[args.job]
+  outputs = getattr(importlib.import_module(module), function)(config, args.workdir)
+  for name, value in outputs.items():
+    print(f"{name}: {value if isinstance(value, str) else json.dumps(value)}")
+
+
+def cmd_sample(args, overrides):
+  del overrides
+  from fundax import sampling  # pylint: disable=g-import-not-at-top
+  result = sampling.write_sample_grid(
+      args.checkpoint, args.prompt, args.out, num_per_prompt=args.num, sampler=args.sampler,
+      num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=args.seed,
+      use_ema=not args.no_ema)
+  print(f"grid ({result['images']} SYNTHETIC images): {result['grid']}")
+
+
+def cmd_score(args, overrides):
+  del overrides
+  from fundax.selector import score  # pylint: disable=g-import-not-at-top
+  prompts = args.prompt
+  if prompts and len(prompts) == 1 and len(args.images) > 1:
+    prompts = prompts * len(args.images)
+  rows = score.score_images(args.checkpoint, args.images, prompts or None,
+                            threshold=args.threshold)
+  if args.json:
+    print(json.dumps(rows, indent=2))
+    return
+  names = list(rows[0]["criteria"]) if rows else []
+  print("\t".join(["score", "accepted", *names, "path"]))
+  for row in rows:
+    criteria = [("-" if row["criteria"][n] is None else f"{row['criteria'][n]:.3f}")
+                for n in names]
+    print("\t".join([f"{row['score']:.3f}", "yes" if row["accepted"] else "no", *criteria,
+                     row["path"]]))
+  if rows:
+    print(f"threshold {rows[0]['threshold']:.3f}: {sum(r['accepted'] for r in rows)} of "
+          f"{len(rows)} accepted")
+
+
+def cmd_aot(args, overrides):
+  # The host's own accelerators are not needed (and a TPU VM's would be locked by libtpu).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from fundax import aot  # pylint: disable=g-import-not-at-top
+  config = configlib.load_config(args.config)
+  configlib.apply_overrides(config, overrides)
+  if args.per_chip_batch:
+    with config.unlocked():
+      config.batch_size = args.per_chip_batch * aot.get_topology(args.topology).chips
+  report = aot.run(config, args.topology, cached_latents=args.cached_latents,
+                   sampler=not args.no_sampler)
+  print(aot.format_report(report))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {args.out}")
+
+
+def cmd_evaluate(args, overrides):
+  del overrides
+  from fundax.eval import run  # pylint: disable=g-import-not-at-top
+  results = run.evaluate_checkpoint(
+      args.checkpoint, args.out, evaluator_dir=args.evaluator, selector_dir=args.selector,
+      data=args.data, data_dir=args.data_dir,
+      prompts=run.read_prompts(args.prompts) if args.prompts else None,
+      num_prompts=args.num_prompts, num_reference=args.num_reference,
+      num_heldout=args.num_heldout,
+      config={"samples_per_prompt": args.samples_per_prompt, "num_steps": args.num_steps,
+              "guidance_scale": args.guidance_scale, "seed": args.seed})
+  for metric, value, source in results["table"]:
+    print(f"{metric}: {value:.4g} ({source})" if isinstance(value, float) else
+          f"{metric}: {value} ({source})")
+  print(f"metrics: {results['metrics_json']}\nreport: {results['report']}")
+
+
+def cmd_rlhf(args, overrides):
+  # pylint: disable=g-import-not-at-top
+  from fundax.rl import ablation, rounds
+  config = configlib.load_config(args.config)
+  configlib.apply_overrides(config, overrides)
+  run = ablation.run if args.command == "rlhf-ablate" else rounds.run
+  outputs = run(config, args.workdir)
+  outputs.pop("results", None)
+  for name, value in outputs.items():
+    print(f"{name}: {value if isinstance(value, str) else json.dumps(value, default=float)}")
 
 
 def cmd_feedback(args, overrides):
@@ -182,6 +282,82 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("checkpoint", help="fundax params directory (kind vae or unet)")
   p.add_argument("dst", help="directory to write")
   p.set_defaults(func=cmd_export)
+
+  p = sub.add_parser("train", help="train a model: vae, ldm (latent diffusion), selector "
+                     "(reward model) or evaluator; rerun the same command to resume")
+  p.add_argument("job", choices=tuple(TRAIN_JOBS))
+  p.add_argument("--config", help="config file and variant, FILE[:ARG] (default "
+                 "configs/JOB.py); override fields with --config.a.b=VALUE")
+  p.add_argument("--workdir", required=True, help="output directory (resumes what is there)")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("sample", help="generate images from prompts with an LDM checkpoint "
+                     "into a SYNTHETIC-stamped PNG grid")
+  p.add_argument("--checkpoint", required=True, help="LDM trainer workdir or checkpoints dir")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="prompt text; repeat for several; \"\" samples unconditionally")
+  p.add_argument("--num", type=int, default=4, help="images per prompt")
+  p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpm_solver"))
+  p.add_argument("--steps", type=int, default=50, help="reverse-diffusion steps")
+  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight")
+  p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+  p.add_argument("--no-ema", action="store_true", help="use the raw UNet params, not the EMA")
+  p.add_argument("--out", required=True, help="PNG file to write")
+  p.set_defaults(func=cmd_sample)
+
+  p = sub.add_parser("score", help="score image files with a trained Selector")
+  p.add_argument("--checkpoint", required=True, help="Selector workdir (fundax train selector)")
+  p.add_argument("images", nargs="+", help="PNG/JPEG files")
+  p.add_argument("--prompt", action="append",
+                 help="the images' prompt (once for all, or once per image) for prompt match")
+  p.add_argument("--threshold", type=float, help="override the learned acceptance threshold")
+  p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  p.set_defaults(func=cmd_score)
+
+  p = sub.add_parser("evaluate", help="generate from an LDM checkpoint; independent metrics "
+                     "and a self-contained HTML report")
+  p.add_argument("--checkpoint", required=True, help="LDM trainer workdir or checkpoints dir")
+  p.add_argument("--out", required=True, help="directory for metrics.json, report.html, samples")
+  p.add_argument("--evaluator", help="trained evaluator directory (default: train the tiny "
+                 "evaluator into OUT/evaluator_run first, a smoke test)")
+  p.add_argument("--selector", help="Selector workdir: its scores are shown beside the metrics")
+  p.add_argument("--data", default="phantom", help="reference and held-out images: 'phantom' "
+                 "(the phantom splits, rendered from their seeds) or a built dataset's name")
+  p.add_argument("--data-dir", help="TFDS data directory of a built dataset")
+  p.add_argument("--prompts", help="text file, one prompt per line (default: captions of "
+                 "held-out images)")
+  p.add_argument("--num-prompts", type=int, default=8, help="prompts drawn without --prompts")
+  p.add_argument("--samples-per-prompt", type=int, default=4)
+  p.add_argument("--num-steps", type=int, default=50, help="sampler steps")
+  p.add_argument("--guidance-scale", type=float, default=7.5)
+  p.add_argument("--num-reference", type=int, default=64, help="reference (training) images")
+  p.add_argument("--num-heldout", type=int, default=32,
+                 help="labelled held-out images for the TSTR classifier; 0 skips it")
+  p.add_argument("--seed", type=int, default=0, help="generation noise and KID subsets")
+  p.set_defaults(func=cmd_evaluate)
+
+  p = sub.add_parser("aot", help="compile an LDM config's train step and sampler for a TPU "
+                     "topology on this host (needs libtpu); print per-chip memory and cost")
+  _add_config(p, "configs/sd15_fundus.py")
+  p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x2, v5p:2x2x4")
+  p.add_argument("--per-chip-batch", type=int, default=0,
+                 help="set batch_size to this many images per chip (default: the config's)")
+  p.add_argument("--cached-latents", action="store_true",
+                 help="batches hold precomputed latents and text embeddings (no VAE in the step)")
+  p.add_argument("--no-sampler", action="store_true", help="compile the train step only")
+  p.add_argument("--out", help="also write the report as JSON here")
+  p.set_defaults(func=cmd_aot)
+
+  for name, text in (
+      ("rlhf", "two-stage RLHF rounds (DDPO, then active selection) with the reward-hacking "
+       "guard; needs LDM, Selector and evaluator checkpoints (config paths)"),
+      ("rlhf-ablate", "RLHF ablation on the same Selector-query budget: RWR only, DDPO only, "
+       "both")):
+    p = sub.add_parser(name, help=text)
+    _add_config(p, "configs/rlhf.py")
+    p.add_argument("--workdir", required=True, help="output directory (rerun to resume)")
+    p.set_defaults(func=cmd_rlhf)
   return parser
 
 
@@ -204,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"fundax {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except FloatingPointError as e:
+    # A training run stopped on repeated NaN/inf losses (its last finite state is saved).
+    if args.verbose:
+      raise
+    print(f"fundax {args.command}: stopped: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

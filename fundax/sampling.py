@@ -12,6 +12,12 @@ text encoder, noise schedule) and the functions built on it:
     `load_pipeline(checkpoint_dir)`, which rebuilds everything from a checkpoint directory
     alone (model configs, tokenizer reference and params are all in it).
 
+Sampling timesteps follow the scheduler config's `timestep_spacing` and `steps_offset` when it
+has them (diffusers' names), so a converted Stable Diffusion checkpoint samples on its own
+spacing. Prompts: an empty prompt is the unconditional embedding (`[CLS] [SEP]`, exactly what
+classifier-free guidance uses), and a prompt longer than the model's token length is
+truncated with a WARNING naming it (`tokenize`).
+
 The UNet reads text token states through cross-attention; `Models.text_mask` says whether it
 also receives the tokens' attention mask (fundax's own models: yes, so padding is ignored;
 Stable Diffusion imports: no).
@@ -71,6 +77,12 @@ class Models:
   @property
   def prediction_type(self) -> str:
     return self.unet.config.prediction_type
+
+  @property
+  def timestep_options(self) -> dict[str, Any]:
+    """`timestep_spacing` and `steps_offset` of the scheduler config, for the sampling loop."""
+    return {"timestep_spacing": self.scheduler.get("timestep_spacing"),
+            "steps_offset": int(self.scheduler.get("steps_offset", 0))}
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -158,7 +170,7 @@ def generate(params, models: Models, input_ids, attention_mask, key, *, sampler:
       functools.partial(denoise, models, params["unet"]), models.schedule, x_T, cond, uncond,
       rng_sampler, sampler=sampler, num_steps=num_steps,
       guidance_scale=1.0 if guidance_scale is None else guidance_scale, eta=eta,
-      prediction_type=models.prediction_type)
+      prediction_type=models.prediction_type, **models.timestep_options)
   images = decode_latents(models, params["vae"], latents)
   return (images, latents) if return_latents else images
 
@@ -298,9 +310,33 @@ def load_pipeline(checkpoint_dir: str, *, step: int | None = None, use_ema: bool
   return Pipeline(models, params, tokenizer, int(config["max_length"]))
 
 
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, np.ndarray]:
+  """Host-side tokenisation of user prompts for `generate`, checked.
+
+  Args:
+    tokenizer: the model's tokenizer.
+    prompts: B strings; "" (or None, or only whitespace) is the empty prompt, whose tokens are
+      exactly the unconditional input of classifier-free guidance.
+    max_length: the model's token length L.
+
+  Returns:
+    int32 "input_ids" and "attention_mask" [B, L]. Prompts longer than L tokens are
+    truncated (keeping [SEP] last), each with a WARNING giving its length.
+  """
+  prompts = [" ".join((p or "").split()) for p in prompts]
+  for i, prompt in enumerate(prompts):
+    length = len(tokenizer(prompt, truncation=False)["input_ids"]) if prompt else 2
+    if length > max_length:
+      log.warning("prompt %d has %d tokens, more than the model's %d: truncated to %r", i,
+                  length, max_length, tokenizer.decode(
+                      tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"],
+                      skip_special_tokens=True))
+  return tokenizer_lib.tokenize(tokenizer, prompts, max_length)
+
+
 def tokenize_prompts(pipeline: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
-  """Host-side tokenisation of prompts for `generate`: int32 input_ids, attention_mask [B, L]."""
-  return tokenizer_lib.tokenize(pipeline.tokenizer, list(prompts), pipeline.max_length)
+  """`tokenize` with a pipeline's tokenizer and token length."""
+  return tokenize(pipeline.tokenizer, list(prompts), pipeline.max_length)
 
 
 def sample_prompts(pipeline: Pipeline, prompts: list[str], key, *, sampler: str = "ddim",
@@ -323,3 +359,43 @@ def sample_prompts(pipeline: Pipeline, prompts: list[str], key, *, sampler: str 
           pipeline.params, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
           key=key, guidance_scale=guidance_scale, eta=eta)
   return np.asarray(images)
+
+
+def write_sample_grid(checkpoint_dir: str, prompts: list[str], out: str | pathlib.Path, *,
+                      num_per_prompt: int = 4, sampler: str = "ddim", num_steps: int = 50,
+                      guidance_scale: float = 7.5, eta: float = 0.0, seed: int = 0,
+                      use_ema: bool = True) -> dict[str, Any]:
+  """`fundax sample`: images for each prompt from a checkpoint, as one SYNTHETIC-stamped PNG.
+
+  Args:
+    checkpoint_dir: an LDM run's workdir or checkpoints directory.
+    prompts: prompt strings ("" = unconditional); each gets `num_per_prompt` images.
+    out: the PNG to write (parent directories are created).
+    num_per_prompt: images per prompt (one row each when <= 8).
+    sampler, num_steps, guidance_scale, eta: as for `generate`.
+    seed: root of the initial noise.
+    use_ema: sample with the EMA UNet params when the checkpoint has them.
+
+  Returns:
+    {"grid": path, "images": count, "prompts": the prompts}.
+  """
+  from fundax.data import preview  # pylint: disable=g-import-not-at-top  (PIL, fonts)
+  if not prompts or num_per_prompt < 1:
+    raise ValueError(f"need at least one prompt and --num >= 1, got {len(prompts)} prompts "
+                     f"and {num_per_prompt}")
+  if sampler not in samplers.SAMPLERS:
+    raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
+  pipeline = load_pipeline(checkpoint_dir, use_ema=use_ema)
+  expanded = [p for p in prompts for _ in range(num_per_prompt)]
+  images = sample_prompts(pipeline, expanded, jax.random.key(seed), sampler=sampler,
+                          num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
+  captions = [p or "(empty prompt: unconditional)" for p in expanded]
+  grid = preview.make_grid(
+      list(images), captions, synthetic=True, columns=min(num_per_prompt, 8), tile=256,
+      title=f"fundax sample: {sampler}, {num_steps} steps, guidance {guidance_scale}, "
+      f"eta {eta}, seed {seed}")
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  grid.save(out)
+  log.info("wrote %s", out)
+  return {"grid": str(out), "images": len(expanded), "prompts": list(prompts)}

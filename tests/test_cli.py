@@ -14,7 +14,8 @@ from fundax import cli
 def test_help_lists_subcommands():
   out = subprocess.run([sys.executable, "-m", "fundax.cli", "--help"], capture_output=True,
                        text=True, check=True).stdout
-  for command in ("main", "data", "convert", "export", "feedback"):
+  for command in ("main", "data", "convert", "export", "feedback", "evaluate", "rlhf",
+                  "rlhf-ablate", "train", "sample", "score"):
     assert command in out
   out = subprocess.run([sys.executable, "-m", "fundax.cli", "data", "--help"],
                        capture_output=True, text=True, check=True).stdout
@@ -26,7 +27,8 @@ def test_help_lists_subcommands():
 def main_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("main")
   rc = cli.main(["main", "--config", "configs/main.py:tiny", "--workdir", str(workdir),
-                 "--config.data.num_train=12", "--config.preview.num_images=6"])
+                 "--config.data.num_train=12", "--config.preview.num_images=6",
+                 "--config.data.num_test=8", "--config.stop_after=data"])
   assert rc == 0
   return workdir
 
@@ -47,7 +49,8 @@ def test_main_job_rerun_reuses_dataset(main_run):
   before = sorted(p.stat().st_mtime_ns for p in (main_run / "data").rglob("*.array_record*"))
   assert before
   assert cli.main(["main", "--config", "configs/main.py:tiny", "--workdir", str(main_run),
-                   "--config.data.num_train=12", "--config.preview.num_images=6"]) == 0
+                   "--config.data.num_train=12", "--config.preview.num_images=6",
+                   "--config.data.num_test=8", "--config.stop_after=data"]) == 0
   after = sorted(p.stat().st_mtime_ns for p in (main_run / "data").rglob("*.array_record*"))
   assert before == after
 
@@ -109,3 +112,43 @@ def test_feedback_import_missing_run_is_named(tmp_path, capsys):
   assert cli.main(["feedback", "import", str(tmp_path / "nothere"),
                    "--db", str(tmp_path / "r.sqlite")]) == 2
   assert "nothere" in capsys.readouterr().err
+
+
+def test_aot_rejects_a_malformed_topology(capsys):
+  assert cli.main(["aot", "--config", "configs/ldm.py:tiny", "--topology", "v5e-16"]) == 2
+  assert "GENERATION:GRID" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["rlhf", "rlhf-ablate"])
+def test_rlhf_without_checkpoints_fails_before_work(tmp_path, capsys, command):
+  workdir = tmp_path / "w"
+  assert cli.main([command, "--config", "configs/rlhf.py:tiny", "--workdir", str(workdir),
+                   "--config.rollout.eta=0.0"]) == 2
+  err = capsys.readouterr().err
+  assert "ldm_checkpoint is empty" in err and "rollout.eta must be > 0" in err
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("job,args,message", [
+    ("ldm", ["--config.batch_size=12"], "batch_size 12 is not a positive multiple of the 8"),
+    ("ldm", ["--config.sample.sampler=euler"], "sample.sampler must be one of"),
+    ("vae", ["--config.resolution=33"], "downsampling factor 2"),
+    ("vae", ["--config.nope=1"], "no field 'nope'"),
+])
+def test_train_bad_config_exits_2_before_work(tmp_path, capsys, job, args, message):
+  workdir = tmp_path / "w"
+  rc = cli.main(["train", job, "--config", f"configs/{job}.py:tiny", "--workdir", str(workdir),
+                 *args])
+  assert rc == 2
+  assert message in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_sample_and_score_missing_checkpoints_are_named(tmp_path, capsys):
+  assert cli.main(["sample", "--checkpoint", str(tmp_path / "noldm"), "--prompt", "x",
+                   "--out", str(tmp_path / "g.png")]) == 2
+  assert "noldm" in capsys.readouterr().err
+  image = tmp_path / "a.png"
+  Image.new("RGB", (8, 8)).save(image)
+  assert cli.main(["score", "--checkpoint", str(tmp_path / "nosel"), str(image)]) == 2
+  assert "nosel" in capsys.readouterr().err

@@ -16,8 +16,11 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch):
+def test_notebook_runs(path, monkeypatch, tmp_path):
   monkeypatch.chdir(path.parent.parent)  # notebooks run from the repository root
+  # 02_main_job: the main job's "test" variant (seconds per stage) instead of "tiny".
+  monkeypatch.setenv("FUNDAX_DEMO_VARIANT", "test")
+  monkeypatch.setenv("FUNDAX_DEMO_WORKDIR", str(tmp_path))
   cells = json.loads(path.read_text())["cells"]
   namespace = {}
   for i, cell in enumerate(cells):

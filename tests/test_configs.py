@@ -11,12 +11,15 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 # (file, variant) pairs: every config file with each of its variants.
 ALL_CONFIGS = [
-    ("main.py", None), ("main.py", "tiny"),
+    ("main.py", None), ("main.py", "tiny"), ("main.py", "test"),
     ("data.py", None), ("data.py", "phantom_tiny"), ("data.py", "phantom_512"),
     ("data.py", "eyepacs"), ("data.py", "odir5k"),
-    ("vae.py", None), ("vae.py", "tiny"), ("ldm.py", None), ("ldm.py", "tiny"),
+    ("vae.py", None), ("vae.py", "tiny"), ("vae.py", "base"),
+    ("ldm.py", None), ("ldm.py", "tiny"), ("ldm.py", "base"),
+    ("sd15_fundus.py", None), ("sd15_fundus.py", "eyepacs"),
     ("selector.py", None), ("selector.py", "tiny"), ("selector.py", "eyeq"),
     ("evaluator.py", None), ("evaluator.py", "tiny"),
+    ("rlhf.py", None), ("rlhf.py", "tiny"), ("rlhf.py", "test"),
 ]
 
 

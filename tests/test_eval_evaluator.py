@@ -11,7 +11,8 @@ from fundax.eval import evaluator as ev
 from fundax.eval import evaluator_train
 from fundax.interop import params_io
 
-TINY = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "resolution": 32}
+TINY = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "contrast": True,
+        "max_pool": True, "resolution": 32}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_features_and_predictions_shapes_and_codes(tiny):
   model, params = tiny
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
   feats = ev.features(model, params, images)
-  assert feats.shape == (5, 16)  # width 8, doubled once
+  assert feats.shape == (5, 32)  # width 8, doubled once; average and max pooled
   pred = ev.predict(model, params, images)
   assert set(pred) == set(ev.HEADS)
   assert pred["dr_grade"].shape == (5,) and pred["dr_grade"].max() < 5
@@ -42,7 +43,7 @@ def test_save_load_round_trip(tiny, tmp_path):
                              atol=1e-6)
   # Other sizes are resized to the evaluator's resolution; uint8 is accepted.
   big = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-  assert loaded.features(big).shape == (2, 16)
+  assert loaded.features(big).shape == (2, 32)
   assert json.loads((tmp_path / "ev" / "config.json").read_text())["kind"] == "evaluator"
   with pytest.raises(ValueError, match="expected 'vae'"):
     params_io.load_params(tmp_path / "ev", expected_kind="vae")
@@ -119,8 +120,102 @@ def test_train_evaluator_end_to_end_and_resume(tmp_path, monkeypatch):
 
 
 def test_head_metrics_hand_case():
+  # AUROC of any DR by 1 - p(grade 0): diseased {0.8, 0.4} vs healthy {0.1, 0.4, 0.7}:
+  # 0.8 beats all three, 0.4 beats one and ties one -> (3 + 1.5) / 6.
+  probs = np.array([[0.9, 0.1, 0, 0, 0], [0.6, 0.4, 0, 0, 0], [0.3, 0, 0.7, 0, 0],
+                    [0.2, 0.8, 0, 0, 0], [0.6, 0.4, 0, 0, 0]])
   out = evaluator_train.head_metrics(
-      {"dr_grade": np.array([0, 0, 2, 1]), "cdr": np.array([0.3, 0.5])},
-      {"dr_grade": np.array([0, 0, 0, 1]), "cdr": np.array([0.35, 0.7])})
-  assert out == pytest.approx({"dr_grade_accuracy": 0.75, "dr_grade_majority": 0.75,
+      {"dr_grade": np.array([0, 0, 2, 1, 0]), "cdr": np.array([0.3, 0.5])},
+      {"dr_grade": np.array([0, 0, 0, 1, 2]), "cdr": np.array([0.35, 0.7])},
+      {"dr_grade": probs})
+  # QWK by hand: O = {(0,0): 2, (0,2): 1, (1,1): 1, (2,0): 1}, rows (3, 1, 1), columns
+  # (3, 1, 1); weights (i - j)^2 / 16; sum(W O) = 2 * 4/16 = 0.5; E = rows x columns / 5,
+  # sum(W E) = (2 * 3 + 2 * 12 + 2 * 1) / 80 = 0.4 -> kappa = 1 - 0.5 / 0.4 = -0.25.
+  assert out == pytest.approx({"dr_grade_accuracy": 0.6, "dr_grade_majority": 0.6,
+                               "dr_grade_qwk": -0.25, "dr_grade_auroc": 4.5 / 6,
                                "cdr_mae": 0.125, "cdr_accuracy": 0.5})
+
+
+def test_balanced_class_weights_and_weighted_loss(tiny):
+  model, params = tiny
+  dme = np.array([0, 0, 0, 1])
+  w = evaluator_train.balanced_class_weights({"dme": dme, "cdr": np.zeros(4)},
+                                             {"dme": 2, "cdr": 1})
+  assert set(w) == {"dme"}
+  np.testing.assert_allclose(w["dme"], [4 / 6, 2.0])  # N / (K n_c): each class weighs 2 in all
+  images = np.random.default_rng(4).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  targets = {name: np.zeros(4, np.float32 if name == "cdr" else np.int32) for name in ev.HEADS}
+  targets["dme"] = dme
+  logits, _ = ev.apply(model, params, images)
+  ce = -np.asarray(jax.nn.log_softmax(logits["dme"]))[np.arange(4), dme]
+  loss = jax.jit(evaluator_train.loss_fn, static_argnums=0)
+  _, plain = loss(model, params, images, targets)
+  weights = {**evaluator_train.uniform_class_weights(ev.HEADS), "dme": w["dme"]}
+  _, weighted = loss(model, params, images, targets, weights)
+  np.testing.assert_allclose(plain["dme"], ce.mean(), rtol=1e-5)
+  # The one DME eye counts as much as the three without.
+  np.testing.assert_allclose(weighted["dme"], (ce[:3].mean() + ce[3]) / 2, rtol=1e-5)
+  np.testing.assert_allclose(weighted["laterality"], plain["laterality"], rtol=1e-5)
+
+
+def test_local_contrast_flattens_background_keeps_dots():
+  ramp = 0.3 + np.linspace(0, 0.4, 64, dtype=np.float32)
+  image = np.broadcast_to(ramp[None, None, :, None], (1, 64, 64, 3)).copy()
+  image[0, 30, 20] -= 0.2  # a dark one-pixel "microaneurysm"
+  out = np.asarray(ev.local_contrast(image))[0]
+  far = np.ones((64, 64), bool)
+  far[:8], far[-8:], far[:, :8], far[:, -8:] = False, False, False, False  # zero padding
+  far[24:37, 14:27] = False  # the dot's neighbourhood (the blur reaches ~4 px at 64 px)
+  assert np.abs(out[far]).max() < 1e-4  # a linear ramp is its own blur: no response
+  # The dot: gain * -0.2 * (1 - the blur's centre weight, ~0.14 at sigma ~1.1 px).
+  assert out[30, 20, 0] < -0.6
+
+
+def test_load_rejects_damaged_directories_naming_the_file(tiny, tmp_path):
+  model, params = tiny
+  good = tmp_path / "ev"
+  ev.save_evaluator(good, params, TINY)
+  config = good / "config.json"
+  config.write_text(config.read_text()[:-20])
+  with pytest.raises(ValueError, match=f"{config}.*not valid JSON"):
+    ev.load_evaluator(good)
+
+  ev.save_evaluator(good, params, TINY)
+  meta = json.loads(config.read_text())
+  del meta["config"]["contrast"]
+  config.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"lacks \['contrast'\]"):
+    ev.load_evaluator(good)
+
+  ev.save_evaluator(good, params, {**TINY, "width": 16})  # a config the params do not fit
+  with pytest.raises(ValueError, match="evaluator params in .*do not match"):
+    ev.load_evaluator(good)
+
+  ev.save_evaluator(good, params, TINY)
+  for f in (good / "params").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  with pytest.raises(ValueError, match=f"{good / 'params'}"):
+    ev.load_evaluator(good)
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    ev.load_evaluator(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("variant", [None, "tiny"])
+def test_evaluator_draws_no_image_the_selector_or_the_generator_learns_from(variant):
+  ev_config = configlib.load_config("configs/evaluator.py" + (f":{variant}" if variant else ""))
+  d = ev_config.data
+  ours = range(d.first_seed, d.first_seed + d.num_train + d.num_heldout)
+  sel = configlib.load_config("configs/selector.py" + (f":{variant}" if variant else ""))
+  g = sel.graded
+  theirs = [range(g.seed, g.seed + g.num_train + g.num_heldout),
+            range(sel.ratings.synthetic_seed,
+                  sel.ratings.synthetic_seed + max(sel.ratings.num_synthetic, 1))]
+  # The phantom dataset the generator trains on: split s, example i has seed base_s + i.
+  from fundax.data.builders import fundus_phantom
+  ldm = configlib.load_config("configs/ldm.py:" + (variant or "default")).data
+  theirs += [range(base, base + n) for base, n in zip(
+      fundus_phantom.SPLIT_SEED_BASE.values(),
+      (ldm.num_train, ldm.num_validation, ldm.num_test))]
+  for other in theirs:
+    assert max(ours.start, other.start) >= min(ours.stop, other.stop), (ours, other)

@@ -104,7 +104,6 @@ def test_feature_fn_missing_path_says_what_to_do(tmp_path):
 
 
 def test_feature_fn_loads_an_exported_function(tmp_path):
-  pytest.importorskip("flatbuffers")  # jax.export serialization needs it
   # A stand-in for an exported Inception: the per-channel mean, with a symbolic batch.
   fn = jax.jit(lambda x: x.mean(axis=(1, 2)))
   batch, = jax.export.symbolic_shape("b")

@@ -13,7 +13,8 @@ from fundax.data import phantom
 from fundax.eval import evaluator as ev
 from fundax.eval import run
 
-CONFIG = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "resolution": 64}
+CONFIG = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "contrast": True,
+          "max_pool": True, "resolution": 64}
 
 
 @pytest.fixture(scope="module")

@@ -98,14 +98,21 @@ def overfit_setup(tiny):
   return models, params, frozen, batch
 
 
-def test_tiny_model_overfits_one_batch(overfit_setup):
-  models, params, frozen, batch = overfit_setup
-  config = step_config(caption_dropout=0.0)
+@pytest.fixture(scope="module")
+def train_fn(overfit_setup):
+  """(tx, jitted train step): compiled once for the tests below."""
+  models = overfit_setup[0]
   tx = optim.make_optimizer(dict(lr=2e-3, total_steps=1000, warmup_steps=0,
                                  grad_clip_norm=1.0))
+  return tx, jax.jit(functools.partial(ldm_step.ldm_train_step, models=models, tx=tx,
+                                       config=step_config(caption_dropout=0.0)))
+
+
+def test_tiny_model_overfits_one_batch(overfit_setup, train_fn):
+  models, params, frozen, batch = overfit_setup
+  config = step_config(caption_dropout=0.0)
+  tx, train = train_fn
   state = state_lib.create(params["unet"], tx, ema=True)
-  train = jax.jit(functools.partial(ldm_step.ldm_train_step, models=models, tx=tx,
-                                    config=config))
   evaluate = jax.jit(functools.partial(ldm_step.ldm_eval_step, models=models, config=config))
   eval_rng = jax.random.key(7)
   before = float(evaluate(state.params, batch, eval_rng, frozen)["loss"])
@@ -139,3 +146,22 @@ def test_cached_latents_and_embeddings_match_encoding(overfit_setup):
   a = evaluate(params["unet"], batch, jax.random.fold_in(rng, 0), frozen)
   b = evaluate(params["unet"], cached, jax.random.fold_in(rng, 0), frozen)
   np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+
+
+def test_nonfinite_loss_skips_the_update(overfit_setup, train_fn):
+  """A NaN in the batch: params, optimizer state and EMA unchanged, step counted and advanced."""
+  _, params, frozen, batch = overfit_setup
+  tx, train = train_fn
+  state = state_lib.create(params["unet"], tx, ema=True)
+  poisoned = {**batch, "image": batch["image"].at[1, 5, 5, 0].set(jnp.nan)}
+  after, metrics = train(state, poisoned, jax.random.key(1), frozen)
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  assert int(after.step) == 1
+  for name in ("params", "opt_state", "ema_params"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(state, name))
+  # The next finite batch updates as usual.
+  final, metrics = train(after, batch, jax.random.key(1), frozen)
+  assert float(metrics["nonfinite"]) == 0.0 and int(final.step) == 2
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), final.params,
+                                       state.params))
+  assert max(float(m) for m in moved) > 0

@@ -94,3 +94,61 @@ def test_models_config_round_trip(tiny):
   assert rebuilt.text == models.text and rebuilt.text_mask == models.text_mask
   np.testing.assert_array_equal(np.asarray(rebuilt.schedule.alphas_cumprod),
                                 np.asarray(models.schedule.alphas_cumprod))
+
+
+def _sample_loop_kwargs(models, params, monkeypatch):
+  """The keyword arguments `generate` passes to the sampling loop (traced only, no compute)."""
+  seen = {}
+  original = sampling.samplers.sample_loop
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(sampling.samplers, "sample_loop", spy)
+  ids, mask = prompts()
+  jax.eval_shape(lambda p: sampling.generate(p, models, ids, mask, jax.random.key(0),
+                                             sampler="ddim", num_steps=STEPS), params)
+  return seen
+
+
+def test_scheduler_spacing_reaches_the_sampling_loop(tiny, monkeypatch):
+  """A converted SD scheduler config (steps_offset 1, "leading") sets the sampled timesteps."""
+  models, params, _, _ = tiny
+  assert _sample_loop_kwargs(models, params, monkeypatch)["steps_offset"] == 0
+  sd = sampling.Models(unet=models.unet, vae=models.vae, text=models.text,
+                       scheduler={**models.scheduler, "steps_offset": 1,
+                                  "timestep_spacing": "trailing"})
+  seen = _sample_loop_kwargs(sd, params, monkeypatch)
+  assert (seen["steps_offset"], seen["timestep_spacing"]) == (1, "trailing")
+  # ... and they change the timesteps the loop walks (diffusers' set_timesteps semantics).
+  leading = sampling.samplers.make_timesteps("ddim", 10, steps_offset=1)[0]
+  assert leading[0] == 901 and leading[-1] == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  return tokenizer_lib.make_tokenizer()
+
+
+def test_empty_prompt_is_the_unconditional_input(tokenizer):
+  from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from fundax.models import text_encoder as text_lib  # pylint: disable=g-import-not-at-top
+  tokens = sampling.tokenize(tokenizer, ["", "   ", None], 8)
+  ids, mask = text_lib.empty_prompt_ids(8, text_lib.special_tokens(tokenizer_lib.minilm_dir()))
+  for i in range(3):
+    np.testing.assert_array_equal(tokens["input_ids"][i], np.asarray(ids[0]))
+    np.testing.assert_array_equal(tokens["attention_mask"][i], np.asarray(mask[0]))
+
+
+def test_long_prompt_truncated_with_warning(tokenizer, caplog):
+  long = "left eye, severe non-proliferative diabetic retinopathy with haemorrhages"
+  with caplog.at_level("WARNING", logger="fundax.sampling"):
+    tokens = sampling.tokenize(tokenizer, ["right eye", long], 8)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "prompt 1 has" in warnings[0] and "truncated" in warnings[0]
+  assert tokens["input_ids"].shape == (2, 8)
+  assert tokens["attention_mask"][1].sum() == 8  # full: cut to the length, [SEP] kept last
+  assert tokens["input_ids"][1, -1] == tokenizer.sep_token_id
+  assert tokens["attention_mask"][0].sum() < 8

@@ -188,7 +188,9 @@ def test_read_ratings_valid(tmp_path):
   assert len(ratings) == 2 and len(pairs) == 1
   r = ratings[0]
   assert r.rater_weight == 1.5 and r.score == 4 and r.accept is True and r.line == 1
-  assert r.criteria["contrast_illumination"] is False and r.criteria["vessel_structure"] is None
+  # File flags are problems (true = problem seen); Rating.criteria says "met".
+  assert r.criteria["contrast_illumination"] is True and r.criteria["vessel_structure"] is None
+  assert r.criteria["artifacts"] is False and r.criteria["optic_disc_clarity"] is False
   assert pairs[0].target == 1.0 and pairs[0].line == 3
   ratings_lib.write_ratings(tmp_path / "w.jsonl", ratings, pairs)
   again = ratings_lib.read_ratings(tmp_path / "w.jsonl")

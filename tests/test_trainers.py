@@ -1,28 +1,38 @@
-"""End-to-end tests of the VAE and LDM trainers on their tiny configs (a few CPU steps)."""
+"""End-to-end tests of the VAE and LDM trainers on their tiny configs (a few CPU steps).
+
+One full run per trainer (module-scoped, through the `fundax train` CLI for the LDM) is shared
+by every test: its outputs, resume equivalence (4 steps == 2 steps + restore + 2 steps, the
+restore after a SIGTERM for the LDM), and `fundax sample` on its checkpoint.
+"""
 
 import json
+import os
 import pathlib
+import shutil
+import signal
 
 import jax
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
 
-from fundax import checkpoint
+from fundax import cli
 from fundax import configlib
 from fundax import sampling
+from fundax.train import loop
 from fundax.trainers import ldm
 from fundax.trainers import vae
 
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """Each test runs a trainer three times, and each run compiles the same programs anew (new
-  closures); a persistent compilation cache for this module compiles them once."""
+  """Each trainer runs twice or three times, and each run compiles the same programs anew
+  (new closures); a persistent compilation cache for this module compiles them once."""
   saved = {name: getattr(jax.config, name) for name in (
       "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
   compilation_cache.reset_cache()
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
   yield
   for name, value in saved.items():
@@ -36,10 +46,13 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("data"))
 
 
-def tiny_config(name, data_dir, **overrides):
+def overrides(data_dir, **items):
+  return [f"{k}={v}" for k, v in {"data.data_dir": data_dir, **items}.items()]
+
+
+def tiny_config(name, data_dir, **items):
   config = configlib.load_config(f"configs/{name}.py:tiny")
-  items = {"data.data_dir": data_dir, **overrides}
-  return configlib.apply_overrides(config, [f"{k}={v}" for k, v in items.items()])
+  return configlib.apply_overrides(config, overrides(data_dir, **items))
 
 
 def read_metrics(workdir):
@@ -53,6 +66,7 @@ def check_outputs(workdir, steps):
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == list(range(1, steps + 1))
   assert all(np.isfinite(r["loss"]) for r in train)
+  assert all(r["nonfinite"] == 0 and r["nonfinite_total"] == 0 for r in train)
   assert [r["step"] for r in records if r["split"] == "eval"] == [steps]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   grid = workdir / "samples" / f"step_{steps:07d}.png"
@@ -68,36 +82,85 @@ def assert_trees_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def test_vae_trainer_end_to_end_and_resume(data_dir, tmp_path):
-  straight, split = tmp_path / "straight", tmp_path / "split"
-  vae.run(tiny_config("vae", data_dir, num_steps=4), str(straight))
-  check_outputs(straight, 4)
-  records = read_metrics(straight)
+def resume_from_step(straight, workdir, step):
+  """A workdir holding only `straight`'s checkpoint at `step` (and its metrics)."""
+  (workdir / "checkpoints").mkdir(parents=True)
+  shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+  shutil.copy(straight / "metrics.jsonl", workdir / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def vae_run(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("vae")
+  vae.run(tiny_config("vae", data_dir, num_steps=4), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def ldm_run(data_dir, tmp_path_factory):
+  """The tiny LDM trained for 4 steps by `fundax train ldm`."""
+  workdir = tmp_path_factory.mktemp("ldm")
+  args = ["train", "ldm", "--config", "configs/ldm.py:tiny", "--workdir", str(workdir)]
+  assert cli.main(args + [f"--config.{o}" for o in overrides(data_dir, num_steps=4)]) == 0
+  return workdir
+
+
+def test_vae_trainer_outputs(vae_run):
+  check_outputs(vae_run, 4)
   # The adversarial terms switch on at disc_start = 2.
-  assert [r["adv_active"] for r in records if r["split"] == "train"] == [0, 0, 1, 1]
-  # Resume: 2 steps, then the same job to 4 steps, equals the straight 4-step run.
+  assert [r["adv_active"] for r in read_metrics(vae_run) if r["split"] == "train"] == [0, 0, 1, 1]
+
+
+def test_vae_resume_equals_straight_run(vae_run, data_dir, tmp_path):
+  # 2 steps (the straight run's step-2 checkpoint) + restore + 2 steps == 4 straight steps.
   # Evaluation and grids do not touch the state; leaving them out saves compiles.
-  no_hooks = dict(eval_every=0, sample_every=0)
-  vae.run(tiny_config("vae", data_dir, num_steps=4, stop_at_step=2, **no_hooks), str(split))
-  assert max(r["step"] for r in read_metrics(split)) == 2
-  vae.run(tiny_config("vae", data_dir, num_steps=4, **no_hooks), str(split))
-  assert [r["step"] for r in read_metrics(split) if r["split"] == "train"] == [1, 2, 3, 4]
-  assert_trees_close(params_of(split), params_of(straight))
+  resume_from_step(vae_run, tmp_path, 2)
+  vae.run(tiny_config("vae", data_dir, num_steps=4, eval_every=0, sample_every=0),
+          str(tmp_path))
+  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
+  assert_trees_close(params_of(tmp_path), params_of(vae_run))
 
 
-def test_ldm_trainer_end_to_end_resume_and_pipeline(data_dir, tmp_path):
-  straight, split = tmp_path / "straight", tmp_path / "split"
-  ldm.run(tiny_config("ldm", data_dir, num_steps=4), str(straight))
-  check_outputs(straight, 4)
-  no_hooks = {"eval_every": 0, "sample.every": 0}
-  ldm.run(tiny_config("ldm", data_dir, num_steps=4, stop_at_step=2, **no_hooks), str(split))
-  ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(split))
-  assert_trees_close(params_of(split), params_of(straight))
+def test_ldm_trainer_outputs(ldm_run):
+  check_outputs(ldm_run, 4)
 
-  # The checkpoint directory alone rebuilds a sampling pipeline.
-  pipeline = sampling.load_pipeline(checkpoint.checkpoint_dir(straight))
-  assert pipeline.max_length == 8
-  images = sampling.sample_prompts(pipeline, ["a left eye with mild retinopathy"],
-                                   jax.random.key(0), num_steps=2, guidance_scale=3.0)
-  assert images.shape == (1, 32, 32, 3)
-  assert np.all(np.abs(images) <= 1.0)
+
+def test_ldm_sigterm_saves_and_resume_equals_straight_run(ldm_run, data_dir, tmp_path,
+                                                          monkeypatch):
+  """SIGTERM during step 1 (as a preempted VM gets it): step 2 is saved, the run returns
+  cleanly, and rerunning the command continues to step 4 exactly like the straight run."""
+  original = loop.train_loop
+
+  def preempted_loop(*args, hooks=(), **kwargs):
+    def sigterm(step, state):
+      del state
+      if step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, hooks=[*hooks, loop.Hook(1, sigterm)], **kwargs)
+
+  # No periodic checkpoint before step 4: the step-2 checkpoint can only come from SIGTERM.
+  no_hooks = {"eval_every": 0, "sample.every": 0, "checkpoint_every": 4}
+  with monkeypatch.context() as patch:
+    patch.setattr(loop, "train_loop", preempted_loop)
+    outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
+  assert "preempted" in outputs["stopped"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+  assert max(r["step"] for r in read_metrics(tmp_path)) == 2
+  outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
+  assert "stopped" not in outputs
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+  assert_trees_close(params_of(tmp_path), params_of(ldm_run))
+
+
+def test_cli_sample_from_the_checkpoint_alone(ldm_run, tmp_path, capsys):
+  out = tmp_path / "grid.png"
+  rc = cli.main(["sample", "--checkpoint", str(ldm_run / "checkpoints"), "--prompt",
+                 "a left eye with mild retinopathy", "--prompt", "", "--num", "2",
+                 "--steps", "2", "--guidance", "3", "--seed", "1", "--out", str(out)])
+  assert rc == 0
+  assert "4 SYNTHETIC images" in capsys.readouterr().out
+  grid = np.asarray(Image.open(out))
+  # Two rows of two 256 px tiles, a title banner and captions; the red SYNTHETIC stamp.
+  assert grid.shape[1] == 2 * 256 and grid.shape[0] > 2 * 256
+  red = (grid[..., 0] == 170) & (grid[..., 1] == 0) & (grid[..., 2] == 0)
+  assert red.sum() > 100

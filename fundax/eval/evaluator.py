@@ -1,14 +1,26 @@
 """The independent fundus evaluator: a small multi-task ResNet trained by fundax on phantom data.
 
 It grades an image the way a reading centre would (DR grade, DME, cup-to-disc ratio, AMD stage,
-hypertensive grade, image quality, laterality) and its penultimate layer is the feature space for
-the fidelity and privacy metrics. It shares neither weights nor training data
-with the Selector (the reward model trained on human ratings): the generator is optimised
-against the Selector, so only a network it never saw can tell whether it gamed it.
+hypertensive grade, image quality, laterality) and its pooled last layer is the feature space
+for the fidelity and privacy metrics.
 
-Layout on disk (the params_io layout, kind "evaluator"):
+Independence from the Selector. The generator is optimised against the Selector (the reward
+model trained on human ratings), so only a judge it never saw can tell whether it gamed it.
+The evaluator therefore shares nothing with the Selector:
+  * weights: a different network (CoordConv and local-contrast inputs, average + max pooling,
+    one head per attribute) initialised from its own seed; `load_evaluator` reads only
+    params directories of kind "evaluator", never a Selector run;
+  * targets: phantom ground-truth labels, never ratings or Selector scores;
+  * images: phantom seeds from configs/evaluator.py `data.first_seed` (900 000 000) on, a range
+    disjoint from the Selector's graded (100 000 on) and simulated-rating (500 000 on) seeds
+    and from the phantom dataset splits the generator learns from
+    (tests/test_eval_evaluator.py checks the ranges of both configs' variants).
+
+Layout on disk (written and read by fundax.interop.params_io, kind "evaluator"), so that an
+evaluator directory describes itself:
 ```
-evaluator_dir/config.json  {"kind": "evaluator", "config": {model config}, "heads": {...}, ...}
+evaluator_dir/config.json  {"kind": "evaluator", "config": {width, stage_sizes, heads,
+                            resolution, ...}, "train_config": {...}, "heldout": {...}}
 evaluator_dir/params/      Orbax checkpoint of the params
 ```
 """
@@ -18,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,13 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fundax.data import labels as labels_lib
 from fundax.eval import consistency
 from fundax.interop import params_io
-
-log = logging.getLogger(__name__)
 
 KIND = "evaluator"
 # Head name -> outputs: class count for categorical heads, 1 for the cup-to-disc regression.
@@ -75,6 +83,8 @@ class FundusEvaluator(nn.Module):
   width: int = 32
   stage_sizes: Sequence[int] = (1, 1, 1, 1)
   heads: tuple[tuple[str, int], ...] = tuple(HEADS.items())
+  contrast: bool = True
+  max_pool: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -84,24 +94,59 @@ class FundusEvaluator(nn.Module):
     # laterality is exactly where the optic disc is.
     ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
     coords = jnp.broadcast_to(jnp.stack([ys, xs], -1), (n, h, w, 2)).astype(images.dtype)
-    x = jnp.concatenate([images, coords], -1)  # [N, H, W, 5]
+    parts = [images, coords]
+    if self.contrast:
+      parts.append(local_contrast(images))
+    x = jnp.concatenate(parts, -1)  # [N, H, W, 5 or 8]
     x = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="stem")(x)  # [N, H, W, w]
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = ResidualBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,
                           dtype=self.dtype)(x)
     x = nn.swish(nn.GroupNorm(num_groups=8, dtype=self.dtype)(x))
-    features = x.mean(axis=(1, 2)).astype(jnp.float32)  # [N, D]
+    pooled = [x.mean(axis=(1, 2))]
+    if self.max_pool:
+      pooled.append(x.max(axis=(1, 2)))
+    features = jnp.concatenate(pooled, -1).astype(jnp.float32)  # [N, D]
     logits = {name: nn.Dense(n, dtype=jnp.float32, name=f"head_{name}")(features)
               for name, n in self.heads}
     return logits, features
 
 
+CONTRAST_SIGMA = 1 / 60  # Gaussian width of the local background, as a fraction of image side
+CONTRAST_GAIN = 4.0  # scales image - background so lesion contrast spans about [-1, 1]
+
+
+def local_contrast(images: jax.Array) -> jax.Array:
+  """CONTRAST_GAIN * (image - Gaussian-blurred image): small dots and spots stand out.
+
+  The fixed high-pass of Graham's Kaggle DR preprocessing: microaneurysms, haemorrhages,
+  exudates and drusen are a few pixels across and differ from the local background by a few
+  grey levels, far less than the background varies across the field, so a network sees them
+  sooner in the difference. Separable Gaussian convolution, per channel.
+  """
+  _, h, _, c = images.shape
+  sigma = max(CONTRAST_SIGMA * h, 0.5)
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = jnp.asarray(taps / taps.sum(), images.dtype)
+  blurred = images
+  for shape in ((len(taps), 1), (1, len(taps))):
+    kernel = jnp.tile(taps.reshape(*shape, 1, 1), (1, 1, 1, c))  # HWIO, one filter per channel
+    blurred = jax.lax.conv_general_dilated(
+        blurred, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c)
+  return CONTRAST_GAIN * (images - blurred)
+
+
 def make_model(model_config: Mapping[str, Any]) -> FundusEvaluator:
-  """The module from a JSON-able model config {"width", "stage_sizes", "heads"}."""
+  """The module from a JSON-able model config {"width", "stage_sizes", "heads", "contrast",
+  "max_pool"}."""
   return FundusEvaluator(width=int(model_config["width"]),
                          stage_sizes=tuple(model_config["stage_sizes"]),
-                         heads=tuple(dict(model_config.get("heads") or HEADS).items()))
+                         heads=tuple(dict(model_config.get("heads") or HEADS).items()),
+                         contrast=bool(model_config["contrast"]),
+                         max_pool=bool(model_config["max_pool"]))
 
 
 def init_params(model: FundusEvaluator, rng: jax.Array, resolution: int) -> Any:
@@ -200,50 +245,81 @@ class Evaluator:
     return predict(self.model, self.params, self.prepare(images))
 
   def prepare(self, images) -> np.ndarray:
-    """Resizes NHWC images to the evaluator's resolution (area / bilinear), float [-1, 1]."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-      images = images.astype(np.float32) / 127.5 - 1.0
-    if images.shape[1:3] != (self.resolution, self.resolution):
-      images = np.asarray(jax.image.resize(
-          images, (len(images), self.resolution, self.resolution, images.shape[-1]),
-          "linear", antialias=True))
-    return images.astype(np.float32)
+    """NHWC images at the evaluator's resolution, float32 in [-1, 1] (see `resize`)."""
+    return resize(images, self.resolution)
+
+
+def resize(images, resolution: int) -> np.ndarray:
+  """NHWC images (uint8 or float in [-1, 1]) as float32 [-1, 1] at `resolution` x `resolution`.
+
+  Antialiased bilinear, so shrinking averages rather than aliases; a no-op at that size.
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 127.5 - 1.0
+  if images.shape[1:3] != (resolution, resolution):
+    images = np.asarray(jax.image.resize(
+        images, (len(images), resolution, resolution, images.shape[-1]), "linear",
+        antialias=True))
+  return images.astype(np.float32)
+
+
+MODEL_KEYS = ("width", "stage_sizes", "heads", "contrast", "max_pool", "resolution")
 
 
 def save_evaluator(directory: str | os.PathLike, params, model_config: Mapping[str, Any],
                    extra: Mapping[str, Any] | None = None) -> None:
-  """Writes params and config.json in the params_io layout with kind "evaluator".
-
-  params_io.save_params only accepts the generator's kinds (bert, vae, unet), so the same
-  layout is written here; params_io.load_params reads it back unchanged.
+  """Writes params and config.json through `params_io.save_params` (kind "evaluator").
 
   Args:
     directory: target directory (created; an existing params checkpoint is replaced).
     params: the evaluator params.
     model_config: JSON-able {"width", "stage_sizes", "heads", "resolution"}.
-    extra: more JSON-able entries for config.json (training config, held-out accuracy).
+    extra: more JSON-able entries for config.json (training config, held-out metrics).
+
+  Raises:
+    ValueError: the model config lacks a field or is not JSON-serialisable.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  os.makedirs(directory, exist_ok=True)
-  tree = params_io.unflatten_params(params_io.flatten_params(jax.device_get(params)))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, params_io.PARAMS_DIR), tree, force=True)
-  meta = {"kind": KIND, "config": dict(model_config), **dict(extra or {})}
-  # config.json goes last: its presence marks a complete directory (as in params_io).
-  with open(os.path.join(directory, params_io.CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  log.info("saved evaluator params to %s", directory)
+  missing = [k for k in MODEL_KEYS if k not in model_config]
+  if missing:
+    raise ValueError(f"evaluator model config lacks {missing}; needs {MODEL_KEYS}")
+  params_io.save_params(directory, jax.device_get(params), dict(model_config), KIND,
+                        extra=dict(extra or {}), overwrite=True)
 
 
 def load_evaluator(directory: str | os.PathLike) -> Evaluator:
   """Loads an evaluator directory written by `save_evaluator` (or the evaluator trainer).
 
+  The module is rebuilt from config.json alone and the stored params are checked against it,
+  so a directory is self-describing and a damaged one fails here, not inside a metric.
+
   Raises:
     FileNotFoundError: naming the missing directory or file.
-    ValueError: the directory holds another kind of params.
+    ValueError: naming the file: unreadable config.json or params, another kind of params, a
+      config without a model field, or params that do not fit the model the config describes.
   """
-  params, meta = params_io.load_params(directory, expected_kind=KIND)
+  directory = os.path.abspath(os.fspath(directory))
+  config_path = os.path.join(directory, params_io.CONFIG_FILE)
+  try:
+    meta = params_io.load_meta(directory, expected_kind=KIND)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"evaluator config {config_path} is not valid JSON: {e}") from e
   config = meta["config"]
-  return Evaluator(make_model(config), jax.tree.map(jnp.asarray, params),
-                   int(config["resolution"]))
+  missing = [k for k in MODEL_KEYS if k not in config]
+  if missing:
+    raise ValueError(f"evaluator config {config_path} lacks {missing}; needs {MODEL_KEYS}")
+  model = make_model(config)
+  resolution = int(config["resolution"])
+  params_path = os.path.join(directory, params_io.PARAMS_DIR)
+  try:
+    params, _ = params_io.load_params(directory, expected_kind=KIND)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # Orbax raises assorted types for truncated or garbled files
+    raise ValueError(f"cannot read the evaluator params in {params_path} (damaged or "
+                     f"incomplete checkpoint): {type(e).__name__}: {e}") from e
+  expected = jax.eval_shape(
+      lambda key: model.init(key, jnp.zeros((1, resolution, resolution, 3)))["params"],
+      jax.random.key(0))
+  params_io.check_params_match(expected, params, what=f"evaluator params in {params_path}")
+  return Evaluator(model, jax.tree.map(jnp.asarray, params), resolution)

@@ -1,10 +1,18 @@
 """Training the independent evaluator on phantom images, and the generic multi-head fit loop.
 
 `train_evaluator(config, workdir)` draws its own phantom images (seeds from
-`config.data.first_seed`, a range used by no other fundax job, in particular not by the
-Selector, which learns from human ratings), trains `evaluator.FundusEvaluator` with one loss
-per head, resumes from `workdir/checkpoints`, logs metrics as JSONL and writes the params
-directory `workdir/evaluator` plus held-out phantom accuracy per attribute.
+`config.data.first_seed`, a range used by no other fundax job: not by the Selector, which
+learns from human ratings and its own phantom seeds, nor by the phantom dataset the generator
+learns from), trains `evaluator.FundusEvaluator` with one loss per head, resumes from
+`workdir/checkpoints`, logs metrics as JSONL and writes the params directory
+`workdir/evaluator` plus held-out phantom scores per attribute (accuracy beside the
+majority-class rate, QWK, AUROC).
+
+Lesion grades are learnt only with help: most phantom eyes are healthy, so a plain
+cross-entropy head settles on "healthy" (the majority rate) before it sees a lesion. Three
+things counter that: balanced draws (each grade pinned to a uniform value half of the time),
+inverse-frequency class weights in the loss (`balanced_class_weights`), and the evaluator's
+local-contrast input and max pooling, which make a few small dots visible to the heads.
 
 `fit` and `head_metrics` are shared with the TSTR utility classifier (eval/utility.py), which
 trains the same architecture from scratch on a single head.
@@ -29,6 +37,7 @@ import tqdm
 from fundax import checkpoint
 from fundax.data import labels as labels_lib
 from fundax.data import phantom
+from fundax.eval import consistency
 from fundax.eval import evaluator as evaluator_lib
 from fundax.train import optim
 from fundax.train import state as state_lib
@@ -36,8 +45,9 @@ from fundax.train import state as state_lib
 log = logging.getLogger(__name__)
 
 CDR_LOSS_WEIGHT = 10.0  # CDR errors are ~0.1; this brings its MSE to the scale of the CEs
-# Attributes a balanced draw may pin to a uniform value (the case mix is ~70 % healthy).
+# Attributes a balanced draw may pin to a uniformly drawn value (the case mix is ~70 % healthy).
 _BALANCED = {"dr_grade": 5, "amd_stage": 4, "hypertensive_grade": 5, "quality": 3}
+BALANCE_PROB = 0.5  # chance that a balanced draw pins each of them, independently
 
 
 def phantom_set(num: int, resolution: int, first_seed: int, *, balance: bool = True,
@@ -48,8 +58,9 @@ def phantom_set(num: int, resolution: int, first_seed: int, *, balance: bool = T
     num: number of images.
     resolution: side length in pixels.
     first_seed: seed of the first image; also seeds the balancing draws.
-    balance: pin one attribute per image (chosen at random, with a "none" option) to a
-      uniformly drawn value, so that rare grades are seen often enough to learn.
+    balance: pin each of DR grade, AMD stage, hypertensive grade and quality, independently
+      with probability BALANCE_PROB, to a uniformly drawn value, so that rare grades are seen
+      often enough to learn (and co-occur, so no grade is read off another disease).
     show_progress: show a tqdm bar.
 
   Returns:
@@ -60,11 +71,10 @@ def phantom_set(num: int, resolution: int, first_seed: int, *, balance: bool = T
   labels = []
   for i in tqdm.trange(num, desc="phantom images", disable=not show_progress):
     constraints = {}
-    focus = rng.integers(len(_BALANCED) + 1)
-    if balance and focus < len(_BALANCED):
-      name = list(_BALANCED)[focus]
-      value = int(rng.integers(_BALANCED[name]))
-      constraints[name] = labels_lib.QUALITIES[value] if name == "quality" else value
+    for name, classes in _BALANCED.items():
+      if balance and rng.random() < BALANCE_PROB:
+        value = int(rng.integers(classes))
+        constraints[name] = labels_lib.QUALITIES[value] if name == "quality" else value
     sample = phantom.generate(first_seed + i, resolution, **constraints)
     images[i] = sample.image.astype(np.float32) / 127.5 - 1.0
     labels.append(sample.labels)
@@ -85,15 +95,50 @@ def cached_phantom_set(path: pathlib.Path, num: int, resolution: int, first_seed
   return images, targets
 
 
-def loss_fn(model: evaluator_lib.FundusEvaluator, params, images, targets: Mapping):
-  """Sum of the per-head losses (cross-entropy; weighted MSE for CDR) and their values."""
+def balanced_class_weights(targets: Mapping[str, np.ndarray],
+                           heads: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """Inverse-frequency class weights {head: [K]} of the categorical heads ("balanced").
+
+  w_c = N / (K * n_c), so every class present carries the same total weight; absent classes
+  get weight 1 (they never occur in a batch). Without them a head facing a 70 % healthy case
+  mix settles on "healthy" long before it learns to see a lesion.
+  """
+  out = {}
+  for name, k in heads.items():
+    if name in evaluator_lib.REGRESSION_HEADS:
+      continue
+    counts = np.bincount(np.asarray(targets[name], int), minlength=k).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 1.0)
+    out[name] = w.astype(np.float32)
+  return out
+
+
+def uniform_class_weights(heads: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """Weight 1 for every class of every categorical head (plain cross-entropy)."""
+  return {name: np.ones(k, np.float32) for name, k in heads.items()
+          if name not in evaluator_lib.REGRESSION_HEADS}
+
+
+def loss_fn(model: evaluator_lib.FundusEvaluator, params, images, targets: Mapping,
+            class_weights: Mapping | None = None):
+  """Sum of the per-head losses and their values.
+
+  Categorical heads: cross-entropy, each example weighted by its class's weight and
+  normalised by the batch's total weight (`class_weights`; None: plain mean). CDR: MSE times
+  CDR_LOSS_WEIGHT.
+  """
   logits, _ = model.apply({"params": params}, images)
   losses = {}
   for name, out in logits.items():
     if name in evaluator_lib.REGRESSION_HEADS:
       losses[name] = CDR_LOSS_WEIGHT * jnp.mean((out[:, 0] - targets[name]) ** 2)
+      continue
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, targets[name])
+    if class_weights is None:
+      losses[name] = ce.mean()
     else:
-      losses[name] = optax.softmax_cross_entropy_with_integer_labels(out, targets[name]).mean()
+      w = jnp.asarray(class_weights[name])[targets[name]]
+      losses[name] = (w * ce).sum() / w.sum()
   return sum(losses.values()), losses
 
 
@@ -101,9 +146,9 @@ def loss_fn(model: evaluator_lib.FundusEvaluator, params, images, targets: Mappi
 def _compiled_step(model: evaluator_lib.FundusEvaluator, optim_items: tuple):
   optimizer = optim.make_optimizer(dict(optim_items))
 
-  def train_step(state, images, targets):
+  def train_step(state, images, targets, class_weights):
     (loss, losses), grads = jax.value_and_grad(
-        lambda p: loss_fn(model, p, images, targets), has_aux=True)(state.params)
+        lambda p: loss_fn(model, p, images, targets, class_weights), has_aux=True)(state.params)
     state = state_lib.apply_gradients(state, grads, optimizer)
     return state, {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}
   # One compiled program for the optimizer init instead of dozens of eager ops.
@@ -112,7 +157,7 @@ def _compiled_step(model: evaluator_lib.FundusEvaluator, optim_items: tuple):
 
 
 def make_train_step(model: evaluator_lib.FundusEvaluator, optim_config: Mapping):
-  """The jitted state init and `train_step(state, images, targets) -> (state, metrics)`.
+  """The jitted state init and train step.
 
   Built from the (hashable) model and optimizer config and cached, so runs in one process with
   the same model, optimizer settings and shapes compile once. The state is donated.
@@ -122,7 +167,8 @@ def make_train_step(model: evaluator_lib.FundusEvaluator, optim_config: Mapping)
     optim_config: optimizer fields (see fundax.train.optim), a dict or ConfigDict.
 
   Returns:
-    (optimizer, init_state(params) -> TrainState, train_step).
+    (optimizer, init_state(params) -> TrainState,
+     train_step(state, images, targets, class_weights) -> (state, metrics)).
   """
   if hasattr(optim_config, "to_dict"):
     optim_config = optim_config.to_dict()
@@ -137,6 +183,7 @@ def batch_indices(num: int, batch_size: int, seed: int, step: int) -> np.ndarray
 def fit(model, params, optim_config: Mapping, images: np.ndarray,
         targets: Mapping[str, np.ndarray], *,
         steps: int, batch_size: int, seed: int, start_step: int = 0, state=None,
+        class_weights: Mapping[str, np.ndarray] | None = None,
         on_step: Callable[[int, object, dict], None] | None = None, desc: str = "train"):
   """Trains `model` on in-memory arrays for `steps` optimizer steps.
 
@@ -151,6 +198,8 @@ def fit(model, params, optim_config: Mapping, images: np.ndarray,
     seed: batch-sampling seed.
     start_step: first step to run (after a resume).
     state: a restored TrainState to continue from.
+    class_weights: {head: [K]} per-class loss weights of the categorical heads (e.g.
+      `balanced_class_weights`); None: plain cross-entropy.
     on_step: called after each step with (step, state, metrics) (logging, checkpointing).
     desc: progress-bar label.
 
@@ -161,35 +210,49 @@ def fit(model, params, optim_config: Mapping, images: np.ndarray,
   if state is None:
     # A copy: the step donates the state, which must not delete the caller's params.
     state = init_state(jax.tree.map(jnp.array, params))
+  if class_weights is None:
+    class_weights = uniform_class_weights(dict(model.heads))
   for step in tqdm.trange(start_step, steps, desc=desc, initial=start_step, total=steps):
     idx = batch_indices(len(images), batch_size, seed, step)
-    state, step_metrics = train_step(state, images[idx], {k: v[idx] for k, v in targets.items()})
+    state, step_metrics = train_step(state, images[idx], {k: v[idx] for k, v in targets.items()},
+                                     class_weights)
     if on_step is not None:
       on_step(step + 1, state, step_metrics)
   return state
 
 
-def head_metrics(predictions: Mapping[str, np.ndarray],
-                 targets: Mapping[str, np.ndarray]) -> dict[str, float]:
-  """Held-out accuracy (and majority-class rate) per categorical head; MAE and within-0.1
-  accuracy for CDR."""
+def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                 probabilities: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+  """Held-out scores per head, each beside what a constant guess would score.
+
+  Categorical heads: accuracy and the majority-class rate (accuracy means little without it);
+  ordinal ones also quadratic weighted kappa (0 for any constant guess); with `probabilities`,
+  the AUROC of "class > 0" (any disease, DME, a not-good image, a left eye) scored by
+  1 - p(class 0), which is 0.5 for a constant guess. CDR: MAE and within-0.1 accuracy.
+  """
   out = {}
   for name, pred in predictions.items():
     true = np.asarray(targets[name])
     if name in evaluator_lib.REGRESSION_HEADS:
       out[f"{name}_mae"] = float(np.abs(pred - true).mean())
       out[f"{name}_accuracy"] = float((np.abs(pred - true) <= 0.1).mean())
-    else:
-      out[f"{name}_accuracy"] = float((pred == true).mean())
-      # The rate of always guessing the commonest class: accuracy means little without it.
-      out[f"{name}_majority"] = float(np.bincount(true.astype(int)).max() / len(true))
+      continue
+    true = true.astype(int)
+    out[f"{name}_accuracy"] = float((pred == true).mean())
+    out[f"{name}_majority"] = float(np.bincount(true).max() / len(true))
+    if name in consistency.ORDINAL:
+      out[f"{name}_qwk"] = consistency.quadratic_weighted_kappa(
+          true, pred, evaluator_lib.HEADS[name])
+    if probabilities is not None and name in probabilities:
+      out[f"{name}_auroc"] = consistency.auroc(true > 0, 1.0 - probabilities[name][:, 0])
   return out
 
 
 def model_config(config: ml_collections.ConfigDict) -> dict:
   """The JSON model config saved with the params."""
   return {"width": config.model.width, "stage_sizes": list(config.model.stage_sizes),
-          "heads": dict(evaluator_lib.HEADS), "resolution": config.data.resolution}
+          "heads": dict(evaluator_lib.HEADS), "contrast": config.model.contrast,
+          "max_pool": config.model.max_pool, "resolution": config.data.resolution}
 
 
 def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -240,13 +303,17 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f.write(json.dumps(row) + "\n")
       checkpoint.save(manager, step, state, config=config.to_dict(), extras={"step": step})
 
+    weights = (balanced_class_weights(train_targets, evaluator_lib.HEADS)
+               if config.class_balance else None)
     state = fit(model, None, config.optim, train_images, train_targets,
                 steps=config.optim.total_steps, batch_size=config.batch_size, seed=config.seed,
-                start_step=start, state=state, on_step=on_step, desc="evaluator")
+                start_step=start, state=state, class_weights=weights, on_step=on_step,
+                desc="evaluator")
     checkpoint.wait(manager)
 
-  heldout = head_metrics(evaluator_lib.predict(model, state.params, test_images), test_targets)
-  log.info("held-out phantom accuracy: %s", heldout)
+  heldout = head_metrics(evaluator_lib.predict(model, state.params, test_images), test_targets,
+                         evaluator_lib.predict_proba(model, state.params, test_images))
+  log.info("held-out phantom scores: %s", heldout)
   evaluator_dir = work / "evaluator"
   evaluator_lib.save_evaluator(evaluator_dir, state.params, mconf,
                                extra={"train_config": config.to_dict(), "heldout": heldout})

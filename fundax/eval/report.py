@@ -4,7 +4,8 @@ Sections: a banner saying the images are synthetic; the metric table with the Se
 (when given) beside the independent metrics, so a reader sees at once whether the reward the
 generator was optimised against agrees with measures it never saw; sample grids per prompt
 (stamped SYNTHETIC by `preview.make_grid`); per-attribute consistency confusion matrices; the
-privacy audit's closest generated/training pairs side by side; distribution plots.
+privacy audit's closest generated/training pairs side by side; distribution plots (vessel
+density, and the Selector's scores split by whether the evaluator sees the prompt honoured).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def closest_pairs_html(pairs, generated, training, tile: int = 200) -> str:
 
 
 def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
-           title: str = "fundax evaluation report") -> str:
+           title: str = "fundax evaluation report", sections: Sequence[str] = ()) -> str:
   """Builds the report HTML from the metrics dict of `run.evaluate` and the images.
 
   Args:
@@ -132,6 +133,7 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
     prompts: their N prompts.
     training_images: [M, H, W, 3] the reference/training images of the privacy audit.
     title: page title.
+    sections: HTML sections (trusted: built by fundax) appended after the distributions.
 
   Returns:
     The HTML document.
@@ -163,9 +165,20 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
         threshold=metrics.get("config", {}).get("pixel_threshold")), "privacy histogram"))
 
   plots = metrics.get("plots", {})
+  parts.append("<h2>Distributions</h2>")
   if plots.get("vessel_density"):
-    parts.append("<h2>Distributions</h2>")
     parts.append(_img(histogram_figure("vessel density", plots["vessel_density"],
                                        "fraction of FOV detected as vessel"), "vessel density"))
+  selector = metrics.get("selector")
+  if selector:
+    # A Selector that still tracks what the independent evaluator sees scores the images that
+    # agree with their prompt higher.
+    agree = np.asarray(consistency.get("per_image_agree", []), bool)
+    scores = np.asarray(selector["scores"], float)
+    parts.append(_img(histogram_figure(
+        "Selector score by independent prompt agreement",
+        {"evaluator: agrees": scores[agree], "evaluator: disagrees": scores[~agree]},
+        "Selector score"), "Selector score histogram"))
+  parts.extend(sections)
   parts.append("</body></html>")
   return "\n".join(parts)

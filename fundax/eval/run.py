@@ -137,7 +137,7 @@ def _table(results: Mapping) -> list[tuple[str, object, str]]:
 def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_images,
              out_dir: str, reference_labels=None, heldout_images=None, heldout_labels=None,
              selector_scores=None, config: Mapping | None = None,
-             note: str = "") -> dict:
+             note: str = "", sections: Sequence[str] = ()) -> dict:
   """Evaluates generated images with metrics independent of the Selector.
 
   Args:
@@ -146,16 +146,17 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
       [-1, 1] or uint8), one per entry of `prompts`.
     prompts: the prompts (distinct ones for a checkpoint; one per image otherwise).
     evaluator_dir: the trained evaluator's params directory.
-    reference_images: [M, H, W, 3] real (or phantom) images: the fidelity reference and the
-      training set of the privacy audit; same size as the generated images.
+    reference_images: [M, H', W', 3] real (or phantom) images: the fidelity reference and the
+      training set of the privacy audit; resized to the generated images' size.
     out_dir: where metrics.json and report.html go (created).
     reference_labels: optional FundusLabels of the reference images; with held-out data, the
       DR-graded ones are added to the synthetic images in the synthetic + real TSTR arm.
-    heldout_images: optional [T, H, W, 3] labelled held-out images for TSTR.
+    heldout_images: optional [T, H', W', 3] labelled held-out images for TSTR (resized too).
     heldout_labels: their FundusLabels (DR grade needed).
     selector_scores: optional [N] Selector scores of the images, shown beside the metrics.
     config: overrides of DEFAULTS.
     note: a line shown at the top of the report (e.g. what the images really are).
+    sections: HTML sections appended to the report (e.g. the main job's RLHF rounds).
 
   Returns:
     The metrics dict (also written to out_dir/metrics.json), with "report" and "metrics_json"
@@ -169,7 +170,9 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
   else:
     images = np.asarray(source)
     prompts = list(prompts)
-  images, reference = _to_float(images), _to_float(reference_images)
+  images = _to_float(images)
+  # Reference and held-out images are compared at the generated size (pixel-space privacy).
+  reference = evaluator_lib.resize(reference_images, images.shape[1])
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
 
@@ -215,7 +218,8 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
               "real_grades": np.array([l.dr_grade for l in reference_labels])[graded]}
     results["utility"] = utility.tstr(
         images[keep], np.array([g for g in asked if g is not None]),
-        _to_float(heldout_images), np.array([l.dr_grade for l in heldout_labels]),
+        evaluator_lib.resize(heldout_images, images.shape[1]),
+        np.array([l.dr_grade for l in heldout_labels]),
         config=config["utility"], **real)
   steps.update()
   steps.close()
@@ -233,6 +237,141 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
   metrics_path.write_text(json.dumps(results, indent=2, default=float))
   report_path = out / "report.html"
   report_path.write_text(report.render(results, images=images, prompts=prompts,
-                                       training_images=reference), encoding="utf-8")
+                                       training_images=reference, sections=sections),
+                         encoding="utf-8")
   log.info("wrote %s and %s", metrics_path, report_path)
   return {**results, "metrics_json": str(metrics_path), "report": str(report_path)}
+
+
+PHANTOM = "phantom"  # `evaluate_checkpoint(data=...)`: the phantom splits, rendered from seeds
+
+
+def phantom_data(split: str, num: int, resolution: int) -> tuple[np.ndarray, list]:
+  """The first `num` images (uint8) and labels of a fundus_phantom split, rendered from seeds.
+
+  The phantom dataset's example i of a split is `phantom.generate(split_seed(split, i))`, so
+  this reproduces the images an LDM trained on that split saw, without the built dataset.
+  """
+  from fundax.data import phantom  # pylint: disable=g-import-not-at-top
+  from fundax.data.builders import fundus_phantom  # pylint: disable=g-import-not-at-top
+  samples = [phantom.generate(fundus_phantom.split_seed(split, i), resolution)
+             for i in tqdm.trange(num, desc=f"phantom {split} images")]
+  return np.stack([s.image for s in samples]), [s.labels for s in samples]
+
+
+def dataset_data(name: str, data_dir: str | None, split: str, num: int,
+                 seed: int) -> tuple[np.ndarray, list]:
+  """`num` randomly chosen images (uint8, at the first one's size) and labels of a built
+  fundax dataset split (`fundax data build`)."""
+  from fundax.data import datasets  # pylint: disable=g-import-not-at-top
+  from fundax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fundax.data.builders import features  # pylint: disable=g-import-not-at-top
+  source = datasets.load(name, split, data_dir)
+  if not len(source):
+    raise ValueError(f"split {split!r} of dataset {name} is empty")
+  picks = np.sort(np.random.default_rng(seed).choice(len(source), min(num, len(source)),
+                                                     replace=False))
+  examples = [features.decode_example(source[int(i)])
+              for i in tqdm.tqdm(picks, desc=f"{name} {split} images")]
+  size = examples[0]["image"].shape[0]
+  return (np.stack([pipeline.resize(e["image"], size) for e in examples]),
+          [e["labels"] for e in examples])
+
+
+def read_prompts(path: str) -> list[str]:
+  """Non-empty lines of a prompt file, in order, without duplicates."""
+  with open(path, encoding="utf-8") as f:
+    prompts = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+  if not prompts:
+    raise ValueError(f"prompt file {path} holds no prompts")
+  return prompts
+
+
+def write_samples(images, directory: pathlib.Path) -> list[str]:
+  """Writes generated images as PNG files (for rescoring and inspection); returns the paths."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  directory.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i, image in enumerate(np.asarray(images)):
+    path = directory / f"{i:05d}.png"
+    Image.fromarray(np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)).save(path)
+    paths.append(str(path))
+  return paths
+
+
+def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str | None = None,
+                        selector_dir: str | None = None, data: str = PHANTOM,
+                        data_dir: str | None = None, prompts: Sequence[str] | None = None,
+                        num_prompts: int = 8, num_reference: int = 64, num_heldout: int = 32,
+                        config: Mapping | None = None) -> dict:
+  """`fundax evaluate`: generates from an LDM checkpoint and evaluates the images.
+
+  Args:
+    checkpoint_dir: an LDM trainer's workdir or checkpoints directory.
+    out_dir: output directory: metrics.json, report.html, samples/*.png (and evaluator_run/
+      when no evaluator is given).
+    evaluator_dir: a trained evaluator (`train_evaluator`'s workdir/evaluator); None trains the
+      tiny one (configs/evaluator.py:tiny) into out_dir/evaluator_run first: a smoke test.
+    selector_dir: a Selector workdir; its scores of the samples are shown beside the metrics.
+    data: PHANTOM (the reference is the phantom train split the LDM learns from, rendered from
+      its seeds; held-out images and default prompts come from the test split) or the name of a
+      built fundax dataset in `data_dir` (its train and test splits likewise).
+    data_dir: TFDS data directory of a built dataset.
+    prompts: distinct prompts; None: captions of the first `num_prompts` held-out images.
+    num_prompts: prompts drawn when none are given.
+    num_reference: reference (training) images for fidelity and the privacy audit.
+    num_heldout: labelled held-out images for the TSTR utility classifier; 0 skips it.
+    config: overrides of DEFAULTS (samples_per_prompt, num_steps, guidance_scale, ...).
+
+  Returns:
+    As `evaluate`, plus "samples" (the PNG paths).
+
+  Raises:
+    ValueError: bad sizes or an empty prompt list, before any generation.
+  """
+  config = {**DEFAULTS, **dict(config or {})}
+  if min(num_reference, num_prompts, config["samples_per_prompt"]) < 1 or num_heldout < 0:
+    raise ValueError("num_reference, num_prompts and samples_per_prompt must be >= 1 and "
+                     f"num_heldout >= 0; got {num_reference}, {num_prompts}, "
+                     f"{config['samples_per_prompt']}, {num_heldout}")
+  if prompts is not None and not prompts:
+    raise ValueError("an empty prompt list: nothing to generate")
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  from fundax import checkpoint  # pylint: disable=g-import-not-at-top
+  job_data = checkpoint.load_config(checkpoint_dir).get("job", {}).get("data", {})
+  num_labelled = max(num_heldout, 0 if prompts else num_prompts)
+  if data == PHANTOM:
+    resolution = int(job_data.get("resolution", 128))
+    load = lambda split, num: phantom_data(split, num, resolution)
+    note = ("Reference: the first images of the phantom train split (what a phantom-trained "
+            "LDM learns from); held-out images and default prompts: its test split.")
+  else:
+    load = lambda split, num: dataset_data(data, data_dir, split, num, config["seed"])
+    note = f"Reference: {data} train split; held-out images and default prompts: its test split."
+  reference, reference_labels = load("train", num_reference)
+  heldout, heldout_labels = load("test", num_labelled) if num_labelled else (None, [])
+  if prompts is None:
+    prompts = list(dict.fromkeys(captions.caption(l) for l in heldout_labels[:num_prompts]))
+  if evaluator_dir is None:
+    from fundax import configlib  # pylint: disable=g-import-not-at-top
+    from fundax.eval import evaluator_train  # pylint: disable=g-import-not-at-top
+    log.warning("no evaluator given: training the tiny one (a smoke test; its grades are weak)")
+    evaluator_dir = evaluator_train.train_evaluator(
+        configlib.load_config("configs/evaluator.py:tiny"), str(out / "evaluator_run"))[
+            "evaluator_dir"]
+  images, repeated = generate_from_checkpoint(checkpoint_dir, prompts, config)
+  samples = write_samples(images, out / "samples")
+  scores = None
+  if selector_dir is not None:
+    from fundax.selector import score  # pylint: disable=g-import-not-at-top
+    scores = [r["score"] for r in score.score_images(selector_dir, samples, repeated)]
+  graded = [i for i, l in enumerate(heldout_labels[:num_heldout]) if l.dr_grade is not None]
+  results = evaluate(
+      images, repeated, evaluator_dir=evaluator_dir, reference_images=reference,
+      out_dir=out_dir, reference_labels=reference_labels,
+      heldout_images=heldout[graded] if graded else None,
+      heldout_labels=[heldout_labels[i] for i in graded] if graded else None,
+      selector_scores=scores, config=config,
+      note=f"Images generated from {os.path.abspath(checkpoint_dir)}. {note}")
+  return {**results, "samples": samples}

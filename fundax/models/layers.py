@@ -60,13 +60,65 @@ def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype,
                       use_fast_variance=False, name=name)
 
 
+# How convolutions are computed (same parameters, same results to float rounding):
+#   "native"  lax.conv_general_dilated, the default: the fast path on TPU and GPU;
+#   "matmul"  im2col: the kernel's shifted input windows are concatenated on the channel axis
+#             and multiplied by the reshaped kernel in one dot (a 1x1 conv is just the dot).
+#             XLA:CPU runs its dots about twice as fast as its convolutions.
+CONV_IMPLS = ("native", "matmul")
+
+
+def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *,
+                   lhs_dilation=None, rhs_dilation=None, feature_group_count: int = 1,
+                   precision=None, **unused) -> jax.Array:
+  """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, as one matrix product.
+
+  A drop-in `conv_general_dilated` for `nn.Conv` (which passes NHWC/HWIO dimension numbers).
+
+  Args:
+    lhs: input [B, H, W, Cin].
+    rhs: kernel [kh, kw, Cin, Cout].
+    window_strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) or "VALID".
+    lhs_dilation, rhs_dilation, feature_group_count: must be trivial (none are used here).
+    precision: passed to the dot.
+
+  Returns:
+    [B, H', W', Cout].
+  """
+  del unused  # dimension_numbers: nn.Conv always uses NHWC / HWIO
+  dilated = [d for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()) if d != 1]
+  if dilated or feature_group_count != 1:
+    raise ValueError("conv_impl='matmul' computes plain convolutions only (no dilation, no "
+                     "feature groups)")
+  if isinstance(padding, str):
+    if padding != "VALID":
+      raise ValueError(f"conv_impl='matmul' needs explicit padding, got {padding!r}")
+    padding = ((0, 0), (0, 0))
+  kh, kw, cin, cout = rhs.shape
+  sh, sw = window_strides
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  # Window (i, j) of every output pixel; concatenated in HWI order to match rhs.reshape.
+  windows = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+             for i in range(kh) for j in range(kw)]
+  cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+  return jnp.dot(cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
 def conv2d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str,
-           stride: int = 1, padding: Any = None) -> nn.Conv:
-  """A square conv with torch's symmetric "same" padding unless `padding` is given."""
+           stride: int = 1, padding: Any = None, impl: str = "native") -> nn.Conv:
+  """A square conv with torch's symmetric "same" padding unless `padding` is given.
+
+  `impl` picks how it is computed (see CONV_IMPLS); the parameters are the same either way.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv_impl {impl!r}; known: {CONV_IMPLS}")
   if padding is None:
     padding = (((kernel - 1) // 2,) * 2,) * 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name,
+                 conv_general_dilated=conv_as_matmul if impl == "matmul" else None)
 
 
 class ResnetBlock2D(nn.Module):
@@ -85,6 +137,7 @@ class ResnetBlock2D(nn.Module):
   eps: float = 1e-6
   act_fn: str = "silu"
   output_scale_factor: float = 1.0
+  conv_impl: str = "native"  # see CONV_IMPLS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -94,14 +147,15 @@ class ResnetBlock2D(nn.Module):
     act = get_activation(self.act_fn)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = act(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
-    h = conv2d(self.out_channels, 3, name="conv1", **kw)(h)
+    conv_kw = dict(impl=self.conv_impl, **kw)
+    h = conv2d(self.out_channels, 3, name="conv1", **conv_kw)(h)
     if temb is not None:
       # diffusers' time_embedding_norm="default": add the projected embedding before norm2.
       h = h + nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))[:, None, None]
     h = group_norm(self.groups, self.eps, name="norm2", **kw)(h)
-    h = conv2d(self.out_channels, 3, name="conv2", **kw)(act(h))
+    h = conv2d(self.out_channels, 3, name="conv2", **conv_kw)(act(h))
     if x.shape[-1] != self.out_channels:
-      x = conv2d(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+      x = conv2d(self.out_channels, 1, name="conv_shortcut", **conv_kw)(x)
     return (x + h) / self.output_scale_factor
 
 
@@ -109,6 +163,7 @@ class Downsample2D(nn.Module):
   """Stride-2 3x3 conv. `padding=0` reproduces diffusers' (0, 1, 0, 1) pad (the VAE's)."""
   out_channels: int
   padding: int = 1
+  conv_impl: str = "native"  # see CONV_IMPLS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -118,7 +173,7 @@ class Downsample2D(nn.Module):
     # diffusers pads right/bottom by one when padding == 0 (F.pad (0, 1, 0, 1) on NCHW).
     pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding,) * 2,) * 2
     return conv2d(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2,
-                 padding=pad)(x)
+                  padding=pad, impl=self.conv_impl)(x)
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -146,6 +201,7 @@ class Upsample2D(nn.Module):
   """Nearest-neighbour upsampling (2x or to `output_size`) followed by a 3x3 conv."""
   out_channels: int
   output_size: tuple[int, int] | None = None
+  conv_impl: str = "native"  # see CONV_IMPLS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -153,7 +209,8 @@ class Upsample2D(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x [B, H, W, C]. Returns [B, 2H, 2W, out_channels] (or `output_size`)."""
     x = upsample_nearest(x, self.output_size)
-    return conv2d(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)
+    return conv2d(self.out_channels, 3, self.dtype, self.param_dtype, "conv",
+                  impl=self.conv_impl)(x)
 
 
 class Attention(nn.Module):
@@ -277,6 +334,7 @@ class Transformer2DModel(nn.Module):
   num_layers: int = 1
   norm_num_groups: int = 32
   use_linear_projection: bool = False
+  conv_impl: str = "native"  # see CONV_IMPLS (the 1x1 proj_in / proj_out)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -291,14 +349,15 @@ class Transformer2DModel(nn.Module):
     if self.use_linear_projection:
       h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
     else:
-      h = conv2d(inner, 1, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
+      h = conv2d(inner, 1, name="proj_in", impl=self.conv_impl, **kw)(h)
+      h = h.reshape(b, hgt * wid, inner)
     for i in range(self.num_layers):
       h = BasicTransformerBlock(self.heads, self.dim_head, name=f"transformer_blocks_{i}",
                                 **kw)(h, context, context_mask)
     if self.use_linear_projection:
       h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
     else:
-      h = conv2d(c, 1, name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
+      h = conv2d(c, 1, name="proj_out", impl=self.conv_impl, **kw)(h.reshape(b, hgt, wid, inner))
     return h + x
 
 

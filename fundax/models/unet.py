@@ -46,7 +46,7 @@ _UNSUPPORTED_DEFAULTS = {
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """UNet2DConditionModel config: diffusers' names and defaults, plus two fundax fields."""
+  """UNet2DConditionModel config: diffusers' names and defaults, plus three fundax fields."""
   sample_size: int | None = None  # latent side the model was trained at
   in_channels: int = 4
   out_channels: int = 4
@@ -79,6 +79,9 @@ class UNetConfig:
   prediction_type: str = "epsilon"
   # fundax only: rematerialise each down/mid/up block in the backward pass.
   remat: bool = False
+  # fundax only: how convolutions are computed, "native" or "matmul" (im2col, faster on
+  # XLA:CPU); see fundax.models.layers.CONV_IMPLS. Parameters are the same either way.
+  conv_impl: str = "native"
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -103,6 +106,8 @@ class UNetConfig:
       if not isinstance(value, int) and len(value) != n:
         raise ValueError(f"{name} needs one entry per block ({n}), got {value}")
     layers.get_activation(self.act_fn)
+    if self.conv_impl not in layers.CONV_IMPLS:
+      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; known: {layers.CONV_IMPLS}")
 
   def per_block(self, name: str) -> tuple[int, ...]:
     """Returns the int-or-tuple field `name` as one value per down block."""
@@ -143,7 +148,7 @@ class UNetConfig:
     """Returns a diffusers UNet2DConditionModel config.json dict (fundax fields dropped)."""
     out = {"_class_name": "UNet2DConditionModel"}
     for k, v in dataclasses.asdict(self).items():
-      if k not in ("prediction_type", "remat"):
+      if k not in ("prediction_type", "remat", "conv_impl"):
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
@@ -182,7 +187,8 @@ class UNet2DConditionModel(nn.Module):
     depth = cfg.per_block("layers_per_block")
     tdepth = cfg.per_block("transformer_layers_per_block")
     block_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
-                    use_linear_projection=cfg.use_linear_projection, **kw)
+                    use_linear_projection=cfg.use_linear_projection,
+                    conv_impl=cfg.conv_impl, **kw)
     wrap = nn.remat if cfg.remat else (lambda cls: cls)
     context, mask = encoder_hidden_states, encoder_attention_mask
 
@@ -194,7 +200,8 @@ class UNet2DConditionModel(nn.Module):
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding",
                                    **kw)(t_emb)  # [B, T]
 
-    x = layers.conv2d(channels[0], cfg.conv_in_kernel, name="conv_in", **kw)(sample)
+    x = layers.conv2d(channels[0], cfg.conv_in_kernel, name="conv_in", impl=cfg.conv_impl,
+                      **kw)(sample)
     skips = (x,)
     for i, block_type in enumerate(cfg.down_block_types):
       cross = block_type == "CrossAttnDownBlock2D"
@@ -224,7 +231,8 @@ class UNet2DConditionModel(nn.Module):
           **block_kw)(x, block_skips, emb, context, mask)
 
     x = act(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
-    return layers.conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
+    return layers.conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out",
+                         impl=cfg.conv_impl, **kw)(x)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

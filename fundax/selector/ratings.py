@@ -11,8 +11,18 @@ This module owns the Selector's side of the export contract. One JSON object per
   {"kind": "pair", "image_a": path, "image_b": path, "prompt": str|null,
    "preferred": "a"|"b"|"tie", "rater": str, "rater_weight": float >= 0 (default 1)}
 
-Every criterion flag means "this criterion is met" (True for "artifacts" = free of artifacts);
-a missing criterion or null is "not rated". The reader is strict about what it uses: a line
+Criteria have two meanings, one on each side of this module, converted here and nowhere else:
+
+  * in the file, a criterion is a PROBLEM FLAG, as `fundax.feedback.export` writes it: true =
+    the rater ticked the box, i.e. saw a problem with that aspect ("artifacts": true =
+    artefacts present; "prompt_match": true = the image does not match its prompt), false =
+    no problem seen;
+  * in `Rating.criteria` (and the Selector's criterion heads and targets), True = the
+    criterion is MET ("artifacts": True = free of artefacts), so a good image scores high on
+    every head.
+
+`read_ratings` turns a flag f into `not f` and `write_ratings` writes `not met`; a missing
+criterion or null is "not rated" on both sides. The reader is strict about what it uses: a line
 that is not a JSON object, an unknown kind or criterion, a missing required field or a value of
 the wrong type or range raises `RatingsFormatError` naming the file and line number. Extra
 top-level fields (ids, timestamps) are ignored so the app can add metadata. Blank lines are
@@ -50,7 +60,9 @@ class Rating:
   simulated: bool
   score: int | None
   accept: bool | None
-  criteria: dict[str, bool | None]  # every name of CRITERIA; None = not rated
+  # Every name of CRITERIA -> True = criterion MET (no problem), False = problem flagged,
+  # None = not rated. The inverse of the file's problem flags (see the module docstring).
+  criteria: dict[str, bool | None]
   line: int  # 1-based line in the export, for messages
 
 
@@ -116,12 +128,13 @@ def _rating(f: _Line, line: int) -> Rating:
   unknown = sorted(set(raw) - set(CRITERIA))
   if unknown:
     f.fail(f"unknown criteria {unknown}; known: {list(CRITERIA)}")
-  criteria = {}
+  flags = {}
   for name in CRITERIA:
     value = raw.get(name)
     if value is not None and not isinstance(value, bool):
       f.fail(f"criterion {name!r} must be true/false/null, got {json.dumps(value)}")
-    criteria[name] = value
+    flags[name] = value
+  criteria = criteria_met(flags)
   return Rating(candidate_id=str(f.get("candidate_id", (str, int))),
                 image_path=f.path("image_path"),
                 prompt=f.get("prompt", (str,), nullable=True),
@@ -131,6 +144,16 @@ def _rating(f: _Line, line: int) -> Rating:
                 score=score,
                 accept=f.get("accept", (bool,), nullable=True),
                 criteria=criteria, line=line)
+
+
+def criteria_met(problem_flags: dict[str, bool | None]) -> dict[str, bool | None]:
+  """File problem flags (true = problem seen) -> `Rating.criteria` (True = criterion met)."""
+  return {name: None if flag is None else not flag for name, flag in problem_flags.items()}
+
+
+def problem_flags(criteria: dict[str, bool | None]) -> dict[str, bool | None]:
+  """`Rating.criteria` (True = met) -> the file's problem flags (true = problem seen)."""
+  return {name: None if met is None else not met for name, met in criteria.items()}
 
 
 def _pair(f: _Line, line: int) -> Pair:
@@ -190,6 +213,9 @@ def read_ratings(path: str | os.PathLike, *, check_files: bool = False
 def write_ratings(path: str | os.PathLike, ratings: list[Rating], pairs: list[Pair]) -> None:
   """Writes ratings and pairs in the export format (`read_ratings` reads them back).
 
+  Criteria are written as the export's problem flags (`problem_flags`), so a file written
+  here means the same as one the feedback app exports.
+
   Args:
     path: the JSONL file to write.
     ratings: absolute ratings.
@@ -198,6 +224,7 @@ def write_ratings(path: str | os.PathLike, ratings: list[Rating], pairs: list[Pa
   with open(path, "w", encoding="utf-8") as fh:
     for r in ratings:
       obj = {"kind": "rating", **dataclasses.asdict(r)}
+      obj["criteria"] = problem_flags(r.criteria)
       del obj["line"]
       fh.write(json.dumps(obj) + "\n")
     for p in pairs:

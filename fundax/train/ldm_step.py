@@ -9,7 +9,8 @@ This module owns one optimisation step of the text-conditioned UNet:
      empty prompt, which teaches the unconditional model that classifier-free guidance needs;
   3. noise at uniform random timesteps, the UNet's prediction, the per-example loss of
      `fundax.diffusion.losses` (epsilon or v targets, optional min-SNR-gamma and per-example
-     "weights"), gradients, the optimizer (clipping and LR schedule live in it) and the EMA.
+     "weights"), gradients, the optimizer (clipping and LR schedule live in it) and the EMA;
+     an update with a NaN/inf loss or gradient is skipped (`fundax.train.guard`).
 
 The step is written for one device; `parallel.jit_step` shards it. Randomness is
 `fold_in(rng, state.step)` split by purpose, so a resumed run replays the same draws. Compute
@@ -33,6 +34,7 @@ from fundax import sampling
 from fundax.diffusion import losses
 from fundax.diffusion import schedules
 from fundax.models import vae as vae_lib
+from fundax.train import guard
 from fundax.train import state as state_lib
 
 
@@ -123,7 +125,9 @@ def ldm_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
     config: step config (caption_dropout, snr_gamma, ema_decay); see the module docstring.
 
   Returns:
-    (new state, metrics): loss (weighted mean), grad_norm, caption_dropped (fraction), t_mean.
+    (new state, metrics): loss (weighted mean), nonfinite (1 when the loss or gradients were
+    NaN/inf and the update was skipped: see `fundax.train.guard`), grad_norm,
+    caption_dropped (fraction), t_mean.
   """
   rng = jax.random.fold_in(rng, state.step)
   inputs, dropped = _noised_inputs(models, frozen, batch, rng, float(config.caption_dropout))
@@ -136,8 +140,10 @@ def ldm_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   new_state = state_lib.apply_gradients(
       state, grads, tx, ema_decay=config.ema_decay if state.ema_params is not None else None)
+  new_state, nonfinite = guard.keep_finite(state, new_state, guard.all_finite(loss, grads))
   metrics = {
       "loss": loss,
+      "nonfinite": nonfinite,
       "grad_norm": optax.global_norm(grads),
       "caption_dropped": dropped.astype(jnp.float32).mean(),
       "t_mean": inputs["t"].astype(jnp.float32).mean(),

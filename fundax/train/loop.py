@@ -1,11 +1,19 @@
 """Loop helpers shared by the trainers: data setup, the step loop, evaluation, grids.
 
 This module owns what every `fundax.trainers.*.run` does around its pure step function:
-building the dataset a config names, making train/eval batch iterators, and `train_loop`,
-which runs the jitted step from the state's step to `num_steps` with a progress bar, records
-metrics, calls periodic hooks (evaluation, sample grids) and saves checkpoints whose extras
-carry the data-iterator position, so that a rerun resumes exactly where the last checkpoint
-left off.
+checking the config fields every trainer shares before any compute (`check_common`), building
+the dataset a config names, making train/eval batch iterators, and `train_loop`, which runs the
+jitted step from the state's step to `num_steps` with a progress bar, records metrics, calls
+periodic hooks (evaluation, sample grids) and saves checkpoints whose extras carry the
+data-iterator position, so that a rerun resumes exactly where the last checkpoint left off.
+
+Two ways a run ends early, both leaving a checkpoint to resume from:
+  * preemption: SIGTERM (what Cloud TPU, Kubernetes and SLURM send before they stop a job)
+    lets the current step finish, saves a checkpoint at it and returns with `preempted` set;
+    rerunning the same command continues from that step.
+  * non-finite losses: a step whose loss or gradients are NaN/inf leaves the params alone and
+    reports `nonfinite = 1` (see `fundax.train.guard`); the loop counts them and, after
+    `max_nonfinite` in a row, saves the (last finite) state and raises `NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -22,6 +32,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from fundax import checkpoint
+from fundax import parallel
 from fundax.data import datasets
 from fundax.data import pipeline as pipeline_lib
 from fundax.data import preview
@@ -31,6 +43,66 @@ log = logging.getLogger(__name__)
 
 # Batch fields the eval steps read besides the model inputs.
 EVAL_KEYS = ("valid",)
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Too many consecutive steps had a NaN/inf loss or gradient (their updates were skipped)."""
+
+
+def check_common(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems with the config fields every trainer shares; empty when there are none.
+
+  Runs before any dataset build or compile, so a bad value fails in a second, not after the
+  data is built. Reads only the config and the device count.
+
+  Args:
+    config: a trainer config (configs/vae.py or configs/ldm.py layout).
+
+  Returns:
+    One message per problem, naming the field and its value.
+  """
+  problems = []
+  if config.prng_impl not in PRNG_IMPLS:
+    problems.append(f"prng_impl must be one of {PRNG_IMPLS}, got {config.prng_impl!r}")
+  if config.resolution < 8:
+    problems.append(f"resolution must be at least 8 px, got {config.resolution}")
+  if config.num_steps < 1:
+    problems.append(f"num_steps must be >= 1, got {config.num_steps}")
+  if not 0 <= config.stop_at_step <= max(config.num_steps, 0):
+    problems.append(f"stop_at_step must be in [0, num_steps={config.num_steps}], "
+                    f"got {config.stop_at_step}")
+  for name in ("log_every", "checkpoint_every", "max_to_keep", "max_nonfinite_steps"):
+    if config[name] < 1:
+      problems.append(f"{name} must be >= 1, got {config[name]}")
+  if config.eval_every < 0:
+    problems.append(f"eval_every must be >= 0 (0 disables), got {config.eval_every}")
+  if config.optim.lr <= 0:
+    problems.append(f"optim.lr must be > 0, got {config.optim.lr}")
+  if config.optim.warmup_steps < 0:
+    problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
+  try:
+    mesh = parallel.mesh_shape(config.mesh, jax.device_count())
+  except ValueError as e:
+    problems.append(f"mesh: {e}")
+  else:
+    ways = 1
+    for axis in parallel.BATCH_AXES:
+      ways *= mesh.get(axis, 1)
+    for name in ("batch_size", "eval_batch_size"):
+      if config[name] < 1 or config[name] % ways:
+        problems.append(
+            f"{name} {config[name]} is not a positive multiple of the {ways} data-parallel "
+            f"devices of the mesh {mesh} ({jax.device_count()} devices, and batch sizes are "
+            "global)")
+  return problems
+
+
+def raise_if_invalid(problems: Sequence[str], what: str) -> None:
+  """Raises one ValueError listing every problem (nothing when there are none)."""
+  if problems:
+    raise ValueError(f"invalid {what} config: " + "; ".join(problems))
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
@@ -133,16 +205,83 @@ class Hook:
   fn: Callable[[int, Any], None]
 
 
+class LoopResult(NamedTuple):
+  """How `train_loop` ended.
+
+  Attributes:
+    state: the final state.
+    preempted: SIGTERM arrived; the state was saved at its step and the loop returned early.
+    nonfinite_steps: steps of this call whose update was skipped for a NaN/inf loss.
+  """
+  state: Any
+  preempted: bool
+  nonfinite_steps: int
+
+
+class _Preemption:
+  """Catches SIGTERM while the loop runs (main thread only) and restores the old handler."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    log.warning("signal %d: finishing this step, saving a checkpoint and stopping", signum)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _NonFiniteCounter:
+  """Counts skipped (NaN/inf) steps; raises after `limit` in a row.
+
+  Flags are read one step late (after the next step is dispatched), so the host never waits
+  for the device just to look at them.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.total = 0
+    self.run = 0
+    self._pending: list[tuple[int, Any]] = []
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    if "nonfinite" in metrics:
+      self._pending.append((step, metrics["nonfinite"]))
+
+  def resolve(self) -> bool:
+    """Reads the pending flags; True when the limit of consecutive skips is reached."""
+    for step, flag in self._pending:
+      if float(jax.device_get(flag)) > 0:
+        self.total += 1
+        self.run += 1
+        log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row, "
+                    "%d in total)", step, self.run, self.total)
+      else:
+        self.run = 0
+    self._pending.clear()
+    return self.run >= self.limit
+
+
 def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBatchIterator,
                batch_keys: Sequence[str], rng: jax.Array, extra: Sequence[Any] = (),
                num_steps: int, writer: metric_writers.MetricWriter, log_every: int,
                checkpoint_every: int, save: Callable[[int, Any], None],
-               hooks: Sequence[Hook] = ()) -> Any:
+               hooks: Sequence[Hook] = (), max_nonfinite: int = 10) -> LoopResult:
   """Runs `state = step_fn(state, batch, rng, *extra)` from `state.step` up to `num_steps`.
 
   Args:
     state: the (restored or fresh) train state; its `step` says where to start.
-    step_fn: the jitted step (`parallel.jit_step`); it donates the state it is given.
+    step_fn: the jitted step (`parallel.jit_step`); it donates the state it is given. Its
+      metrics may hold "nonfinite" (1 when the step skipped its update, `fundax.train.guard`).
     batches: the train iterator, already positioned (`set_state`) for a resumed run.
     batch_keys: batch fields the step reads.
     rng: the run's train key (the step folds in the step number).
@@ -153,28 +292,65 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
     checkpoint_every: steps between checkpoints; the last step is always saved.
     save: `save(step, state)` writes a checkpoint (with the data position in its extras).
     hooks: periodic actions, run after the step's checkpoint decision.
+    max_nonfinite: consecutive skipped (non-finite) steps after which the run stops.
 
   Returns:
-    The final state.
+    A `LoopResult`. On SIGTERM the current step is finished and saved, hooks are not run,
+    and the result says `preempted`.
+
+  Raises:
+    NonFiniteLossError: `max_nonfinite` consecutive steps were skipped; the state (the last
+      finite one) is saved first.
   """
   start = int(jax.device_get(state.step))
   if start >= num_steps:
     log.info("nothing to do: the state is at step %d of %d", start, num_steps)
-    return state
-  with tqdm.tqdm(total=num_steps, initial=start, desc="train", unit="step",
-                 disable=jax.process_index() != 0) as bar:
+    return LoopResult(state, False, 0)
+  nonfinite = _NonFiniteCounter(max_nonfinite)
+  with _Preemption() as preemption, tqdm.tqdm(
+      total=num_steps, initial=start, desc="train", unit="step",
+      disable=jax.process_index() != 0) as bar:
     for step in range(start + 1, num_steps + 1):
       batch = select(next(batches), batch_keys)
       state, metrics = step_fn(state, batch, rng, *extra)
+      stop = nonfinite.resolve()  # the previous step's flag
+      nonfinite.add(step, metrics)
       last = step == num_steps
       if step % log_every == 0 or last:
+        stop = nonfinite.resolve() or stop
         metrics = jax.device_get(metrics)
-        writer.write(step, metrics)
+        writer.write(step, {**metrics, "nonfinite_total": nonfinite.total})
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-      if step % checkpoint_every == 0 or last:
+      if last:
+        stop = nonfinite.resolve() or stop
+      saved = step % checkpoint_every == 0 or last or stop or preemption.requested
+      if saved:
         save(step, state)
+      if stop:
+        raise NonFiniteLossError(
+            f"{nonfinite.run} consecutive steps (up to step {step}) had a non-finite loss or "
+            f"gradients and were skipped ({nonfinite.total} in this run); stopping. The last "
+            f"finite state is saved at step {step}: lower optim.lr or check the data, then "
+            "rerun to resume")
+      if preemption.requested:
+        log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
+        bar.update(1)
+        return LoopResult(state, True, nonfinite.total)
       for hook in hooks:
         if hook.every and (step % hook.every == 0 or last):
           hook.fn(step, state)
       bar.update(1)
-  return state
+  return LoopResult(state, False, nonfinite.total)
+
+
+def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: LoopResult,
+            samples_dir: pathlib.Path) -> dict[str, str]:
+  """What a trainer's `run` returns for the CLI to print: output name -> path (or note)."""
+  out = {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
+         "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
+  step = int(jax.device_get(result.state.step))
+  if result.preempted:
+    out["stopped"] = f"preempted (SIGTERM) at step {step}, saved; rerun the command to resume"
+  if result.nonfinite_steps:
+    out["nonfinite_steps"] = f"{result.nonfinite_steps} updates skipped (NaN/inf loss)"
+  return out

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from fundax.models import vae as vae_lib
+from fundax.train import guard
 from fundax.train import state as state_lib
 
 
@@ -113,7 +114,8 @@ def vae_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
 
   Returns:
     (new state, metrics): loss, rec, kl, ssim, and with a discriminator g_adv, d_loss,
-    logits_real, logits_fake, adv_active; plus grad_norm.
+    logits_real, logits_fake, adv_active; plus grad_norm and nonfinite (1 when the objective
+    or gradients were NaN/inf and the update was skipped: `fundax.train.guard`).
   """
   rng_z = jax.random.fold_in(rng, state.step)
   images = batch["image"]
@@ -144,9 +146,11 @@ def vae_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
     metrics["loss"] = total.mean()
     return objective, metrics
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (objective, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state_lib.apply_gradients(
       state, grads, tx, ema_decay=config.ema_decay if state.ema_params is not None else None)
+  new_state, metrics["nonfinite"] = guard.keep_finite(
+      state, new_state, guard.all_finite(objective, grads))
   metrics["grad_norm"] = optax.global_norm(grads)
   return new_state, metrics
 

@@ -1,8 +1,10 @@
-"""Latent diffusion training job: `run(config, workdir)` for configs/ldm.py.
+"""Latent diffusion training job: `run(config, workdir)` for configs/ldm.py and sd15_fundus.py.
 
-A short sequence of library calls: build the dataset, load the frozen text encoder and VAE,
-build the UNet, create (or restore) the sharded train state, then `train_loop` with the pure
-`ldm_train_step`, periodic validation losses and SYNTHETIC-stamped sample grids drawn with the
+A short sequence of library calls: check the config (`validate_config`, before anything is
+built), build the dataset, load the frozen text encoder and VAE (a configs/vae.py run or a
+`fundax convert vae` directory), build the UNet, create (or restore) the sharded train state
+(resume order: the workdir, `resume_path`, the `unet_init` params, scratch), then
+`train_loop` with the pure `ldm_train_step`, periodic validation losses and SYNTHETIC-stamped sample grids drawn with the
 EMA params through the public sampling API. Checkpoints hold the train state, the frozen
 networks' params and the model configs, so a checkpoint directory alone is enough to sample
 (`fundax.sampling.load_pipeline`).
@@ -23,6 +25,9 @@ from fundax import checkpoint
 from fundax import parallel
 from fundax import sampling
 from fundax.data import tokenizer as tokenizer_lib
+from fundax.diffusion import samplers
+from fundax.diffusion import schedules
+from fundax.interop import params_io
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -54,8 +59,25 @@ def _vocab_dir(reference: dict[str, Any]) -> str | None:
   return str(tokenizer_lib.minilm_dir())
 
 
+def _is_params_dir(path: str) -> bool:
+  """Whether `path` is a `fundax convert` params directory (config.json with a "kind")."""
+  return (pathlib.Path(path) / params_io.CONFIG_FILE).is_file()
+
+
+def vae_config_of(path: str) -> vae_lib.VAEConfig:
+  """The architecture of a VAE checkpoint (a configs/vae.py run or a convert directory)."""
+  if _is_params_dir(path):
+    return vae_lib.VAEConfig.from_diffusers(params_io.load_meta(path, "vae")["config"])
+  return vae_lib.VAEConfig.from_diffusers(checkpoint.load_config(path)["models"]["vae"])
+
+
 def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any]:
-  """The VAE config and (EMA) params of a configs/vae.py run (workdir or checkpoints dir)."""
+  """The VAE config and params of a configs/vae.py run (workdir or checkpoints dir; the EMA
+  params when it has them) or of a `fundax convert vae` directory (e.g. Stable Diffusion's)."""
+  if _is_params_dir(path):
+    params, meta = params_io.load_params(path, "vae")
+    log.info("frozen VAE from converted params %s", path)
+    return vae_lib.VAEConfig.from_diffusers(meta["config"]), params
   config = checkpoint.load_config(path)
   arrays = sampling.restore_arrays(path)["state"]
   params = arrays["ema_params"] if arrays.get("ema_params") is not None else arrays["params"]
@@ -70,6 +92,7 @@ def fresh_vae_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
       block_out_channels=tuple(config.vae.block_out_channels),
       down_block_types=("DownEncoderBlock2D",) * levels,
       up_block_types=("UpDecoderBlock2D",) * levels,
+      layers_per_block=config.vae.layers_per_block,
       latent_channels=config.vae.latent_channels, norm_num_groups=config.vae.norm_num_groups,
       sample_size=config.resolution, scaling_factor=config.vae.scaling_factor)
 
@@ -116,16 +139,108 @@ def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
   return models, {"vae": vae_params, "text": text_params}, reference
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any dataset build or compile, on values that cannot work.
+
+  Checks the fields every trainer shares (`loop.check_common`: batch sizes against the
+  data-parallel devices of the mesh, step counts, mesh, PRNG) and the LDM's own: sampler,
+  resolution against the VAE's downsampling (read from `vae_checkpoint`'s JSON when given)
+  and the UNet's, architecture consistency, probabilities and decays.
+
+  Args:
+    config: a configs/ldm.py (or sd15_fundus.py) config.
+
+  Raises:
+    ValueError: listing every problem found, each naming its field and value.
+    FileNotFoundError: `vae_checkpoint` or `unet_init` does not exist.
+  """
+  problems = loop.check_common(config)
+  if config.dtype not in loop.DTYPES:
+    problems.append(f"dtype must be one of {loop.DTYPES}, got {config.dtype!r}")
+  s = config.sample
+  if s.sampler not in samplers.SAMPLERS:
+    problems.append(f"sample.sampler must be one of {samplers.SAMPLERS}, got {s.sampler!r}")
+  if not 1 <= s.num_steps <= config.scheduler.num_train_timesteps:
+    problems.append(f"sample.num_steps must be in [1, scheduler.num_train_timesteps="
+                    f"{config.scheduler.num_train_timesteps}], got {s.num_steps}")
+  if s.every < 0 or (s.every and s.num_images < 1):
+    problems.append(f"sample.every must be >= 0 and sample.num_images >= 1, got "
+                    f"{s.every} and {s.num_images}")
+  if s.guidance_scale < 0 or s.eta < 0:
+    problems.append(f"sample.guidance_scale and sample.eta must be >= 0, got "
+                    f"{s.guidance_scale} and {s.eta}")
+  if config.scheduler.beta_schedule not in schedules.BETA_SCHEDULES:
+    problems.append(f"scheduler.beta_schedule must be one of {schedules.BETA_SCHEDULES}, got "
+                    f"{config.scheduler.beta_schedule!r}")
+  u = config.unet
+  if u.prediction_type not in ("epsilon", "v_prediction"):
+    problems.append(f"unet.prediction_type must be epsilon or v_prediction, got "
+                    f"{u.prediction_type!r}")
+  if len(u.cross_attention) != len(u.block_out_channels):
+    problems.append(f"unet.cross_attention {tuple(u.cross_attention)} needs one entry per "
+                    f"level of unet.block_out_channels {tuple(u.block_out_channels)}")
+  for name, channels, groups in (
+      ("unet", u.block_out_channels, u.norm_num_groups),
+      ("vae", config.vae.block_out_channels, config.vae.norm_num_groups)):
+    if any(c % groups for c in channels):
+      problems.append(f"{name}.block_out_channels {tuple(channels)} must all be multiples of "
+                      f"{name}.norm_num_groups {groups}")
+  if config.max_length < 2:
+    problems.append(f"max_length must be >= 2 ([CLS] and [SEP]), got {config.max_length}")
+  t = config.train
+  if not 0 <= t.caption_dropout <= 1:
+    problems.append(f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
+  if not 0 <= t.ema_decay < 1:
+    problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if t.snr_gamma < 0:
+    problems.append(f"train.snr_gamma must be >= 0 (0 disables), got {t.snr_gamma}")
+  if config.unet_init and not _is_params_dir(config.unet_init):
+    raise FileNotFoundError(f"unet_init {config.unet_init!r} is not a `fundax convert unet` "
+                            f"directory (no {params_io.CONFIG_FILE})")
+  if config.vae_checkpoint:
+    factor = vae_config_of(config.vae_checkpoint).downsample_factor
+  else:
+    factor = 2 ** (len(config.vae.block_out_channels) - 1)
+  unet_factor = 2 ** (len(u.block_out_channels) - 1)
+  if config.resolution % (factor * unet_factor):
+    problems.append(
+        f"resolution {config.resolution} must be a multiple of {factor * unet_factor}: the "
+        f"VAE downsamples by {factor} and the UNet's {len(u.block_out_channels)} levels by "
+        f"{unet_factor} more")
+  loop.raise_if_invalid(problems, "LDM")
+
+
+def with_unet_init(state: state_lib.TrainState, path: str) -> state_lib.TrainState:
+  """A fresh state whose UNet params (and EMA) come from a `fundax convert unet` directory.
+
+  The params are restored straight into the state's shardings and dtypes; the optimizer state
+  stays fresh (it depends on shapes only). A converted UNet of another architecture fails
+  here, naming the first differing parameter.
+  """
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state.params)
+  params, meta = params_io.load_params(path, "unet", target=target)
+  log.info("UNet params from %s (converted from %s)", path, meta.get("source", "?"))
+  ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+  return state.replace(params=params, ema_params=ema)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Trains (or resumes training) the latent diffusion UNet.
 
   Args:
-    config: a configs/ldm.py config.
+    config: a configs/ldm.py or configs/sd15_fundus.py config.
     workdir: output directory; rerunning with the same one resumes from its last checkpoint.
 
   Returns:
-    Output name -> path, for the CLI to print.
+    Output name -> path, for the CLI to print; with "stopped" when SIGTERM ended the run
+    early (after saving a checkpoint to resume from).
+
+  Raises:
+    ValueError: an invalid config (before any compute).
+    loop.NonFiniteLossError: `max_nonfinite_steps` NaN/inf steps in a row.
   """
+  validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   data = loop.prepare_data(config, workdir)
@@ -141,6 +256,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     params = models.unet.init(rng, *unet_lib.dummy_inputs(models.unet.config))["params"]
     return state_lib.create(params, tx, ema=config.train.ema_decay > 0)
 
+  def init_state():
+    state = parallel.init_sharded(make_state, rng_init, mesh, rules)
+    return with_unet_init(state, config.unet_init) if config.unet_init else state
+
   abstract_state = parallel.abstract_sharded(make_state, rng_init, mesh, rules)
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   frozen_shardings = parallel.state_shardings(frozen_host, mesh, rules)
@@ -150,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
   restored, extras, source = checkpoint.restore_or_init(
       manager, abstract, lambda: {
-          "state": parallel.init_sharded(make_state, rng_init, mesh, rules),
+          "state": init_state(),
           "frozen": jax.device_put(frozen_host, frozen_shardings)},
       resume_path=config.resume_path or None)
   state, frozen = restored["state"], restored["frozen"]
@@ -199,18 +318,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
                    f"{config.sample.num_steps} steps, guidance {config.sample.guidance_scale}")
 
   try:
-    loop.train_loop(
+    result = loop.train_loop(
         state, step_fn=step_fn, batches=batches, batch_keys=BATCH_KEYS, rng=rng_train,
         extra=(frozen,), num_steps=config.stop_at_step or config.num_steps, writer=writer,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
         hooks=[loop.Hook(config.eval_every, eval_hook),
-               loop.Hook(config.sample.every, sample_hook)])
+               loop.Hook(config.sample.every, sample_hook)],
+        max_nonfinite=config.max_nonfinite_steps)
   finally:
     checkpoint.wait(manager)
     manager.close()
     writer.close()
-  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
-          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
+  return loop.outputs(workdir, writer, result, samples_dir)
 
 
 def _sample_prompts(config, data, tokenizer, mesh) -> list[str]:

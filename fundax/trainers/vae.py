@@ -1,6 +1,7 @@
 """VAE training job: `run(config, workdir)` for configs/vae.py.
 
-A short sequence of library calls: build the dataset, build the autoencoder (and, when the
+A short sequence of library calls: check the config (`validate_config`, before anything is
+built), build the dataset, build the autoencoder (and, when the
 adversarial term is on, the PatchGAN discriminator), create (or restore) the sharded train
 state over the {"vae", "disc"} params, then `train_loop` with the pure `vae_train_step`,
 periodic validation metrics (L1, PSNR, SSIM, KL) and reconstruction grids. Its checkpoints
@@ -56,6 +57,43 @@ def build_models(config: ml_collections.ConfigDict):
   return vae_config, vae_lib.AutoencoderKL(vae_config, dtype=dtype), discriminator
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any dataset build or compile, on values that cannot work.
+
+  Checks the fields every trainer shares (`loop.check_common`: batch sizes against the
+  data-parallel devices of the mesh, step counts, mesh, PRNG) and the VAE's own: resolution
+  against the downsampling factor, channels against GroupNorm groups, loss weights.
+
+  Args:
+    config: a configs/vae.py config.
+
+  Raises:
+    ValueError: listing every problem found, each naming its field and value.
+  """
+  problems = loop.check_common(config)
+  m, t = config.model, config.train
+  if m.dtype not in loop.DTYPES:
+    problems.append(f"model.dtype must be one of {loop.DTYPES}, got {m.dtype!r}")
+  factor = 2 ** (len(m.block_out_channels) - 1)
+  if config.resolution % factor:
+    problems.append(f"resolution {config.resolution} is not a multiple of the VAE's "
+                    f"downsampling factor {factor} ({len(m.block_out_channels)} levels)")
+  if any(c % m.norm_num_groups for c in m.block_out_channels):
+    problems.append(f"model.block_out_channels {tuple(m.block_out_channels)} must all be "
+                    f"multiples of model.norm_num_groups {m.norm_num_groups}")
+  if t.recon not in ("l1", "l2"):
+    problems.append(f"train.recon must be 'l1' or 'l2', got {t.recon!r}")
+  for name in ("kl_weight", "ssim_weight", "adv_weight", "disc_start"):
+    if t[name] < 0:
+      problems.append(f"train.{name} must be >= 0, got {t[name]}")
+  if not 0 <= t.ema_decay < 1:
+    problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if config.sample_every < 0 or (config.sample_every and config.num_samples < 1):
+    problems.append(f"sample_every must be >= 0 and num_samples >= 1, got "
+                    f"{config.sample_every} and {config.num_samples}")
+  loop.raise_if_invalid(problems, "VAE")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Trains (or resumes training) the autoencoder.
 
@@ -64,8 +102,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     workdir: output directory; rerunning with the same one resumes from its last checkpoint.
 
   Returns:
-    Output name -> path, for the CLI to print.
+    Output name -> path, for the CLI to print; with "stopped" when SIGTERM ended the run
+    early (after saving a checkpoint to resume from).
+
+  Raises:
+    ValueError: an invalid config (before any compute).
+    loop.NonFiniteLossError: `max_nonfinite_steps` NaN/inf steps in a row.
   """
+  validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   data = loop.prepare_data(config, workdir)
@@ -139,15 +183,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
                    title=f"fundax VAE, step {step}: validation images and reconstructions")
 
   try:
-    loop.train_loop(
+    result = loop.train_loop(
         state, step_fn=step_fn, batches=batches, batch_keys=BATCH_KEYS, rng=rng_train,
         num_steps=config.stop_at_step or config.num_steps, writer=writer,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
         hooks=[loop.Hook(config.eval_every, eval_hook),
-               loop.Hook(config.sample_every, sample_hook)])
+               loop.Hook(config.sample_every, sample_hook)],
+        max_nonfinite=config.max_nonfinite_steps)
   finally:
     checkpoint.wait(manager)
     manager.close()
     writer.close()
-  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
-          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
+  return loop.outputs(workdir, writer, result, samples_dir)

@@ -1,0 +1,152 @@
+"""Stage 1: the DDPO policy-gradient update with PPO clipping and a KL penalty to the reference.
+
+The policy is the guided DDIM sampler; a trajectory's action at step i is latents[i + 1] given
+latents[i], with the exact Gaussian log-prob of `fundax.diffusion.steps`. One update
+(`ddpo_update_step`):
+
+  1. draws, per trajectory, a random subset of its stochastic steps (`fold_in(rng, step)`, so a
+     resumed run draws the same ones);
+  2. `lax.scan`s over that subset: at scan index s every trajectory scores its own s-th chosen
+     step with the current params (one UNet forward and backward on the batch at a time),
+     forms the importance ratio exp(log p_theta - log p_old), the PPO-clipped surrogate and the
+     KL to the reference model, and adds the gradient to the scan's running sum;
+  3. applies one optimizer update with the mean gradient.
+
+The KL of one step is exact: both policies' steps are Gaussians with the same std (it depends on
+the schedule only), so KL = |mean_theta - mean_ref|^2 / (2 std^2), summed over latent elements
+like the log-probs. Metrics: the loss terms, approx-KL to the rollout policy
+(0.5 E[(log ratio)^2]), the clip fraction (|ratio - 1| > clip_range) and the mean ratio.
+
+Step config fields (`config.stage1` of configs/rlhf.py; read at trace time, static):
+  timestep_fraction  fraction of the stochastic steps trained on per update (at least one).
+  clip_range         PPO clip epsilon (passed to the step as a traced batch scalar).
+  kl_weight          weight of the KL penalty to the reference model; 0 skips its forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fundax import sampling
+from fundax.diffusion import steps
+from fundax.rl import rollout as rollout_lib
+from fundax.train import state as state_lib
+
+
+def ppo_loss(ratio, advantages, clip_range):
+  """Per-example PPO-clipped surrogate loss (to minimise).
+
+  max(-A r, -A clip(r, 1 - eps, 1 + eps)): the pessimistic bound, so a ratio already past the
+  clip in the direction the advantage favours contributes no gradient, while one that moved
+  the wrong way keeps its full gradient.
+
+  Args:
+    ratio: importance ratios [B].
+    advantages: advantages [B].
+    clip_range: epsilon (scalar, may be traced).
+
+  Returns:
+    Losses [B].
+  """
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+  return jnp.maximum(unclipped, clipped)
+
+
+def gaussian_kl(mean_p, mean_q, std):
+  """KL(N(mean_p, std^2) || N(mean_q, std^2)) summed over non-batch dims -> [B] (std > 0)."""
+  safe = jnp.where(std > 0, std, 1.0)
+  kl = jnp.square(mean_p - mean_q) / (2.0 * jnp.square(safe))
+  kl = jnp.where(jnp.broadcast_to(std > 0, kl.shape), kl, 0.0)
+  return kl.reshape(kl.shape[0], -1).sum(axis=-1)
+
+
+def num_train_steps(num_stochastic: int, fraction: float) -> int:
+  """How many steps of each trajectory one update trains on."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"stage1.timestep_fraction must be in (0, 1], got {fraction}")
+  return max(1, int(math.ceil(num_stochastic * fraction - 1e-9)))
+
+
+def choose_steps(rng, stochastic, batch: int, count: int):
+  """[B, count] step indices: a random permutation of `stochastic` per trajectory, truncated."""
+  keys = jax.random.split(rng, batch)
+  return jax.vmap(lambda k: jax.random.permutation(k, stochastic)[:count])(keys)
+
+
+def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.Array,
+                     frozen: dict[str, Any], *, models: sampling.Models,
+                     tx: optax.GradientTransformation, config: Any, stochastic):
+  """One DDPO optimizer update from a batch of rollouts (pure; jit it once).
+
+  Args:
+    state: TrainState of the UNet params.
+    batch: "latents" [T + 1, B, ...], "log_probs" [T, B], "timesteps" [T], "prev_timesteps"
+      [T], "advantages" [B], "cond" and "uncond" ((states, mask) pytrees, batch-first), and the
+      traced scalars "guidance_scale" and "eta" (the rollouts') and "clip_range".
+    rng: the run's stage-1 key (the step folds in `state.step`).
+    frozen: {"reference": reference UNet params} (read only).
+    models: the static models.
+    tx: the optimizer.
+    config: stage-1 config (see the module docstring).
+    stochastic: host int array of the trainable step indices (`rollout.stochastic_steps`).
+
+  Returns:
+    (new state, metrics).
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  latents, old_log_probs = batch["latents"], batch["log_probs"]
+  b = old_log_probs.shape[1]
+  count = num_train_steps(len(stochastic), float(config.timestep_fraction))
+  chosen = choose_steps(rng, jnp.asarray(stochastic), b, count)  # [B, S]
+  clip_range = batch["clip_range"]
+  kl_weight = float(config.kl_weight)
+  per_example = jax.vmap(lambda traj, i: traj[i], in_axes=(1, 0))  # [T, B, ...], [B] -> [B, ...]
+
+  def body(carry, idx):
+    grads_sum, metrics_sum = carry
+    x_t = per_example(latents, idx)
+    x_prev = per_example(latents, idx + 1)
+    old = per_example(old_log_probs, idx)
+    t = batch["timesteps"][idx]
+    t_prev = batch["prev_timesteps"][idx]
+    moments = lambda p: rollout_lib.step_moments(models, p, x_t, t, t_prev, batch["cond"],
+                                                 batch["uncond"], batch["guidance_scale"],
+                                                 batch["eta"])
+    if kl_weight > 0:
+      ref_mean, _ = moments(frozen["reference"])
+      ref_mean = jax.lax.stop_gradient(ref_mean)
+
+    def loss_fn(params):
+      mean, std = moments(params)
+      log_prob = steps.gaussian_log_prob(x_prev, mean, std)
+      log_ratio = log_prob - old
+      ratio = jnp.exp(log_ratio)
+      pg = ppo_loss(ratio, batch["advantages"], clip_range).mean()
+      kl = gaussian_kl(mean, ref_mean, std).mean() if kl_weight > 0 else jnp.zeros(())
+      aux = {"policy_loss": pg, "kl_reference": kl,
+             "approx_kl": 0.5 * jnp.mean(jnp.square(log_ratio)),
+             "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
+             "ratio_mean": ratio.mean()}
+      return pg + kl_weight * kl, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    aux["loss"] = loss
+    grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+    metrics_sum = jax.tree.map(jnp.add, metrics_sum, aux)
+    return (grads_sum, metrics_sum), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  metric_names = ("policy_loss", "kl_reference", "approx_kl", "clip_fraction", "ratio_mean",
+                  "loss")
+  init = (zeros, {k: jnp.zeros((), jnp.float32) for k in metric_names})
+  (grads_sum, metrics_sum), _ = jax.lax.scan(body, init, chosen.T)
+  grads = jax.tree.map(lambda g: g / count, grads_sum)
+  metrics = {k: v / count for k, v in metrics_sum.items()}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state_lib.apply_gradients(state, grads, tx), metrics

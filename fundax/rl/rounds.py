@@ -1,0 +1,467 @@
+"""The RLHF loop: `run(config, workdir)` runs N rounds of stage 1 then stage 2, resumably.
+
+One round:
+  stage 1  `stage1.iterations` times: draw P prompts, roll out K candidates each, score them
+           with the Selector, turn rewards into per-prompt advantages, and apply
+           `stage1.inner_epochs` DDPO updates (`fundax.rl.ddpo`);
+  stage 2  `stage2.iterations` times: a new batch, scored; candidates at or above the
+           Selector's learned threshold are accepted; `stage2.updates` reward-weighted
+           denoising updates with the pre-training loss on phantom data (`fundax.rl.rwr`);
+  humans   optionally: the last stage-2 candidates go to the rating database, simulated raters
+           rate them, and the Selector is retrained on the ratings (`fundax.rl.feedback`);
+  guard    the held-out prompts' images are measured by the independent evaluators; the best
+           round by held-out composite is kept in `<workdir>/best`, and the loop stops when
+           the Selector reward rises while the held-out score falls (`fundax.rl.guard`).
+
+The policy starts from the LDM checkpoint's EMA UNet (its raw params when it has no EMA), which
+is also the frozen reference of the KL penalty and of the negative signal. Round 0 is the
+starting model, evaluated before any update. A checkpoint is written after
+every stage (Orbax step = stages completed) holding the policy's train state, the reference
+params and the frozen VAE and text encoder, with extras for everything on the host: the
+per-prompt reward buffers, the round history, the Selector version and path, the number of
+reward queries. All randomness is a function of (seed, round, stage, iteration) or of the
+optimizer step, so a run interrupted after any stage and rerun with the same command ends
+exactly where an uninterrupted run does. Checkpoints describe themselves (the LDM's model
+configs and tokenizer), so `fundax.sampling.load_pipeline(<workdir>/best)` samples from the
+kept model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from fundax import checkpoint
+from fundax import parallel
+from fundax import sampling
+from fundax.data import phantom
+from fundax.data import pipeline as pipeline_lib
+from fundax.data import captions
+from fundax.eval import evaluator as evaluator_lib
+from fundax.rl import advantages as advantages_lib
+from fundax.rl import ddpo
+from fundax.rl import feedback
+from fundax.rl import guard
+from fundax.rl import prompts as prompts_lib
+from fundax.rl import report
+from fundax.rl import reward as reward_lib
+from fundax.rl import rollout as rollout_lib
+from fundax.rl import rwr
+from fundax.train import metric_writers
+from fundax.train import optim
+from fundax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+HELDOUT_DIR = "heldout"
+
+
+def check_config(config: ml_collections.ConfigDict, *, need_selector: bool = True,
+                 need_evaluator: bool = True) -> None:
+  """Fails with a clear message, before any compute, on a config the loop cannot run."""
+  errors = []
+  if not config.ldm_checkpoint:
+    errors.append("ldm_checkpoint is empty: give an LDM trainer's workdir or checkpoints dir")
+  if need_selector and not config.selector_checkpoint:
+    errors.append("selector_checkpoint is empty: give a Selector workdir (train_selector)")
+  if need_evaluator and not config.evaluator_checkpoint:
+    errors.append("evaluator_checkpoint is empty: give an evaluator params directory")
+  r = config.rollout
+  if not r.eta > 0:
+    errors.append(f"rollout.eta must be > 0 for stochastic steps with log-probs, got {r.eta}")
+  if r.num_steps < 2:
+    errors.append(f"rollout.num_steps must be >= 2, got {r.num_steps}")
+  if r.candidates_per_prompt < 2:
+    errors.append("rollout.candidates_per_prompt must be >= 2 (advantages compare candidates)")
+  if config.guard.samples_per_prompt < 2:
+    errors.append("guard.samples_per_prompt must be >= 2 (diversity compares samples)")
+  if config.num_rounds < 1:
+    errors.append(f"num_rounds must be >= 1, got {config.num_rounds}")
+  if config.stage1.iterations < 0 or config.stage2.iterations < 0:
+    errors.append("stage iterations must be >= 0")
+  if not 0 < config.stage1.timestep_fraction <= 1:
+    errors.append("stage1.timestep_fraction must be in (0, 1]")
+  if config.stage2.temperature <= 0:
+    errors.append("stage2.temperature must be > 0")
+  if not 0 < config.stage2.pretrain_batch_size <= config.stage2.pretrain_pool:
+    errors.append("stage2.pretrain_batch_size must be in [1, stage2.pretrain_pool]")
+  divisor = jax.device_count()
+  batch = r.prompts_per_batch * r.candidates_per_prompt
+  if batch % divisor:
+    errors.append(f"rollout.prompts_per_batch * candidates_per_prompt = {batch} must be a "
+                  f"multiple of the {divisor} devices")
+  if errors:
+    raise ValueError("invalid RLHF config: " + "; ".join(errors))
+
+
+def phantom_pool(num: int, resolution: int, first_seed: int, caption_seed: int):
+  """Phantom images at `resolution` (float [-1, 1]) and a caption of each (random style)."""
+  rng = np.random.default_rng([caption_seed])
+  images, texts = [], []
+  for i in range(num):
+    sample = phantom.generate(seed=first_seed + i, resolution=max(64, resolution))
+    images.append(pipeline_lib.to_float(pipeline_lib.resize(sample.image, resolution)))
+    texts.append(captions.random_caption(sample.labels, rng))
+  return np.stack(images), texts
+
+
+@dataclasses.dataclass
+class Loop:
+  """Everything a run holds besides its state: models, jitted steps, data, reward, judges."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  pipeline: sampling.Pipeline
+  ldm_meta: dict
+  tx: Any
+  rollout_fn: Callable
+  ddpo_fn: Callable
+  rwr_fn: Callable
+  prompt_set: prompts_lib.PromptSet
+  pretrain_images: np.ndarray
+  pretrain_cond: Any
+  reward: Any
+  heldout_fn: Callable
+  rng_rollout: jax.Array
+  rng_stage1: jax.Array
+  rng_stage2: jax.Array
+  rng_heldout: jax.Array
+
+  @property
+  def batch(self) -> int:
+    r = self.config.rollout
+    return r.prompts_per_batch * r.candidates_per_prompt
+
+  def tokens(self, texts):
+    return sampling.tokenize_prompts(self.pipeline, list(texts))
+
+  def sample(self, params, frozen, texts, key):
+    """A rollout of `texts` (len == batch) with the run's sampler settings."""
+    tok = self.tokens(texts)
+    r = self.config.rollout
+    return self.rollout_fn(params, frozen, tok["input_ids"], tok["attention_mask"], key,
+                           jnp.float32(r.guidance_scale), jnp.float32(r.eta))
+
+  def draw(self, round_, stage, iteration):
+    """(prompts repeated K times, the rollout key) of one iteration."""
+    r = self.config.rollout
+    texts = self.prompt_set.draw(r.prompts_per_batch, round_, stage, iteration)
+    prompts_lib.log_prompts(self.workdir, f"round{round_:03d}_stage{stage + 1}_it{iteration:03d}",
+                            texts)
+    key = self.rng_rollout
+    for i in (round_, stage, iteration):
+      key = jax.random.fold_in(key, i)
+    return [p for p in texts for _ in range(r.candidates_per_prompt)], key
+
+
+def make_heldout_evaluator(config, resolution: int, training_images) -> guard.HeldoutEvaluator:
+  """The guard's judge: the independent evaluator with its phantom FD reference."""
+  reference, _ = phantom_pool(config.guard.reference_pool, resolution,
+                              config.guard.reference_seed, config.seed)
+  return guard.HeldoutEvaluator(
+      evaluator_lib.load_evaluator(config.evaluator_checkpoint), reference, training_images,
+      config.guard.pixel_threshold, config.guard.feature_threshold)
+
+
+def _embed_pretrain(pipeline: sampling.Pipeline, texts):
+  tok = sampling.tokenize_prompts(pipeline, texts)
+  states = jax.jit(functools.partial(sampling.encode_text, pipeline.models))(
+      pipeline.params["text"], tok["input_ids"], tok["attention_mask"])
+  return np.asarray(states), tok["attention_mask"]
+
+
+def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:
+  """Loads the models, the Selector and the evaluator, and jits the steps (no state yet)."""
+  pipeline = sampling.load_pipeline(config.ldm_checkpoint, use_ema=True)
+  models = pipeline.models
+  ldm_meta = checkpoint.load_config(config.ldm_checkpoint)
+  total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
+                               + config.stage2.iterations * config.stage2.updates)
+  tx = optim.make_optimizer({**config.optim.to_dict(), "total_steps": max(total, 1)})
+  stochastic = rollout_lib.stochastic_steps(models, config.rollout.num_steps)
+  rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models,
+                                         num_steps=config.rollout.num_steps))
+  ddpo_fn = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
+                                      config=config.stage1, stochastic=stochastic),
+                    donate_argnums=(0,))
+  rwr_fn = jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
+                                     config=config.stage2), donate_argnums=(0,))
+  prompt_set = prompts_lib.make_prompt_set(config.seed, config.guard.num_prompts,
+                                           config.prompts.file)
+  resolution = models.latent_shape[0] * models.vae.config.downsample_factor
+  pretrain_images, texts = phantom_pool(config.stage2.pretrain_pool, resolution,
+                                        config.stage2.pretrain_seed, config.seed)
+  pretrain_cond = _embed_pretrain(pipeline, texts)
+  if reward_fn is None:
+    reward_fn = reward_lib.load_selector_reward(config.selector_checkpoint, 0,
+                                                config.reward_batch_size)
+  if heldout_fn is None:
+    heldout_fn = make_heldout_evaluator(config, resolution, pretrain_images)
+  keys = jax.random.split(jax.random.key(config.seed), 4)
+  return Loop(config, pathlib.Path(workdir), pipeline, ldm_meta, tx, rollout_fn, ddpo_fn,
+              rwr_fn, prompt_set, pretrain_images, pretrain_cond, reward_fn, heldout_fn,
+              *keys)
+
+
+def _threshold(reward_fn, rewards) -> float:
+  """The reward's learned threshold; a reward without one accepts the top half of a batch."""
+  threshold = getattr(reward_fn, "threshold", None)
+  return float(np.median(rewards)) if threshold is None else float(threshold)
+
+
+def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
+  """Stage 1 of a round: rollouts, advantages, DDPO updates. Returns (state, train rewards)."""
+  c = loop.config
+  rewards_seen = []
+  for it in range(c.stage1.iterations):
+    texts, key = loop.draw(round_, 0, it)
+    ro = loop.sample(state.params, frozen, texts, key)
+    rewards = loop.reward(np.asarray(ro.images), texts)
+    extras["queries"] += len(texts)
+    rewards_seen.append(rewards)
+    adv, extras["tracker"], info = advantages_lib.compute_advantages(
+        extras["tracker"], texts, rewards, buffer_size=c.stage1.buffer_size,
+        min_count=c.stage1.min_count, clip=c.stage1.advantage_clip)
+    batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
+             "prev_timesteps": ro.prev_timesteps, "advantages": jnp.asarray(adv),
+             "cond": ro.cond, "uncond": ro.uncond,
+             "guidance_scale": jnp.float32(c.rollout.guidance_scale),
+             "eta": jnp.float32(c.rollout.eta), "clip_range": jnp.float32(c.stage1.clip_range)}
+    for _ in range(c.stage1.inner_epochs):
+      state, metrics = loop.ddpo_fn(state, batch, loop.rng_stage1, {"reference": reference})
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      writer.write(int(state.step), {
+          **metrics, "round": round_, "reward_mean": float(rewards.mean()),
+          "reward_std": float(rewards.std()), "advantage_mean": float(adv.mean()),
+          "advantage_std": float(adv.std()), "advantage_abs_max": float(np.abs(adv).max()),
+          "per_prompt_fraction": info["per_prompt_fraction"], "queries": extras["queries"]},
+                   split="stage1")
+  mean = float(np.concatenate(rewards_seen).mean()) if rewards_seen else float("nan")
+  return state, mean
+
+
+def stage2(loop: Loop, state, reference, frozen, round_, extras, writer):
+  """Stage 2 of a round. Returns (state, accepted fraction, last candidates or None)."""
+  c = loop.config
+  accepted_all, last = [], None
+  for it in range(c.stage2.iterations):
+    texts, key = loop.draw(round_, 1, it)
+    ro = loop.sample(state.params, frozen, texts, key)
+    images = np.asarray(ro.images)
+    rewards = loop.reward(images, texts)
+    extras["queries"] += len(texts)
+    accepted = rewards >= _threshold(loop.reward, rewards)
+    accepted_all.append(accepted)
+    weights = rwr.reward_weights(rewards, accepted, c.stage2.temperature)
+    rng = np.random.default_rng([c.seed, 3, round_, it])
+    pick = rng.choice(len(loop.pretrain_images), c.stage2.pretrain_batch_size, replace=False)
+    batch = {"latents": ro.latents[-1], "cond": ro.cond, "weights": jnp.asarray(weights),
+             "rejected": jnp.asarray((~accepted).astype(np.float32)),
+             "pretrain_image": jnp.asarray(loop.pretrain_images[pick]),
+             "pretrain_cond": (jnp.asarray(loop.pretrain_cond[0][pick]),
+                               jnp.asarray(loop.pretrain_cond[1][pick]))}
+    for _ in range(c.stage2.updates):
+      state, metrics = loop.rwr_fn(state, batch, loop.rng_stage2,
+                                   {"vae": frozen["vae"], "reference": reference})
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      writer.write(int(state.step), {
+          **metrics, "round": round_, "accepted_fraction": float(accepted.mean()),
+          "reward_mean": float(rewards.mean()), "queries": extras["queries"]}, split="stage2")
+    last = (images, texts)
+  fraction = float(np.concatenate(accepted_all).mean()) if accepted_all else float("nan")
+  return state, fraction, last
+
+
+def heldout_images(loop: Loop, params, frozen) -> tuple[np.ndarray, list[str]]:
+  """The held-out prompts' images (fixed noise), generated in rollout-sized chunks."""
+  g = loop.config.guard
+  texts = [p for p in loop.prompt_set.heldout for _ in range(g.samples_per_prompt)]
+  out = []
+  for start in range(0, len(texts), loop.batch):
+    chunk = texts[start:start + loop.batch]
+    padded = chunk + [chunk[-1]] * (loop.batch - len(chunk))
+    ro = loop.sample(params, frozen, padded, jax.random.fold_in(loop.rng_heldout, start))
+    out.append(np.asarray(ro.images)[:len(chunk)])
+  return np.concatenate(out), texts
+
+
+def evaluate_round(loop: Loop, params, frozen, round_, extras) -> dict[str, Any]:
+  """The held-out record of a round (Selector reward, independent metrics, composite)."""
+  images, texts = heldout_images(loop, params, frozen)
+  directory = loop.workdir / HELDOUT_DIR
+  directory.mkdir(parents=True, exist_ok=True)
+  np.save(directory / f"round_{round_:03d}.npy", images)
+  metrics = loop.heldout_fn(images, texts)
+  history = extras["history"]
+  baseline = history[0]["metrics"] if history else metrics
+  record = {"round": round_, "reward": float(loop.reward(images, texts).mean()),
+            "composite": guard.composite(metrics, baseline), "metrics": metrics,
+            "queries": extras["queries"], "selector_version": extras["selector"]["version"]}
+  if history:
+    best = history[guard.best_index(history)]
+    best_images = np.load(directory / f"round_{best['round']:03d}.npy")
+    # The best round rescored by today's Selector: rewards of two Selector versions differ.
+    record["best_reward_now"] = float(loop.reward(best_images, texts).mean())
+  return record
+
+
+def _save_best(loop: Loop, params, frozen, round_) -> None:
+  """Writes the round's UNet as a self-describing LDM checkpoint in `<workdir>/best`."""
+  manager = checkpoint.make_manager(loop.workdir / BEST_DIR, max_to_keep=1, async_=False)
+  try:
+    if round_ not in manager.all_steps():
+      checkpoint.save(manager, round_, {"state": {"params": params}, "frozen": frozen},
+                      config={**loop.ldm_meta, "rlhf_round": round_}, extras={})
+      checkpoint.wait(manager)
+  finally:
+    manager.close()
+
+
+def _initial_extras(config) -> dict[str, Any]:
+  return {"phase": 0, "tracker": {}, "history": [], "queries": 0, "stop_reason": "",
+          "selector": {"version": 0, "path": config.selector_checkpoint},
+          "train_reward": {}, "accepted_fraction": {}}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
+        heldout_fn=None) -> dict[str, Any]:
+  """Runs (or resumes) the RLHF rounds; the entry point of `fundax rlhf` and the main job.
+
+  Args:
+    config: a configs/rlhf.py config (ldm_checkpoint, selector_checkpoint and
+      evaluator_checkpoint name the inputs).
+    workdir: output directory; rerunning with the same one resumes after the last stage.
+    reward_fn: a reward to use instead of the Selector (tests, ablations); feedback
+      retraining needs the Selector.
+    heldout_fn: `(images, prompts) -> metrics` instead of the independent evaluators.
+
+  Returns:
+    Output name -> path or figure: workdir, checkpoints, best_checkpoint, metrics, report
+    files, best_round, stopped, reward_before/after, accepted_fraction, held-out metrics.
+  """
+  check_config(config, need_selector=reward_fn is None, need_evaluator=heldout_fn is None)
+  if config.feedback.retrain_selector and reward_fn is not None:
+    raise ValueError("feedback.retrain_selector needs the Selector reward, not a reward_fn")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  loop = build_loop(config, workdir, reward_fn=reward_fn, heldout_fn=heldout_fn)
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  replicated = parallel.replicated(mesh)
+  unet = loop.pipeline.params["unet"]
+  frozen_host = {"vae": loop.pipeline.params["vae"], "text": loop.pipeline.params["text"]}
+
+  def make_tree():
+    return {"state": state_lib.create(unet, loop.tx), "reference": unet, "frozen": frozen_host}
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(make_tree))
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
+  tree, extras, source = checkpoint.restore_or_init(
+      manager, abstract, lambda: jax.jit(make_tree, out_shardings=replicated)())
+  extras = extras or _initial_extras(config)
+  state, reference, frozen = tree["state"], tree["reference"], tree["frozen"]
+  log.info("RLHF state from %s: %d stages done, %d updates", source, extras["phase"],
+           int(state.step))
+  if reward_fn is None and extras["selector"]["version"]:
+    loop.reward = reward_lib.load_selector_reward(
+        extras["selector"]["path"], extras["selector"]["version"], config.reward_batch_size)
+  writer = metric_writers.MetricWriter(workdir, resume_step=int(state.step))
+  db = config.feedback.db or str(workdir / "feedback" / "ratings.sqlite")
+  try:
+    if not extras["history"]:
+      record = evaluate_round(loop, reference, frozen, 0, extras)
+      extras["history"].append(record)
+      writer.write(0, {"reward": record["reward"], "composite": record["composite"],
+                       **record["metrics"]}, split="heldout")
+      _save_best(loop, reference, frozen, 0)
+    phases = 2 * config.num_rounds
+    bar = tqdm.tqdm(total=phases, initial=extras["phase"], desc="rlhf", unit="stage")
+    while extras["phase"] < phases and not extras["stop_reason"]:
+      round_, stage = divmod(extras["phase"], 2)
+      if stage == 0:
+        state, mean = stage1(loop, state, reference, frozen, round_, extras, writer)
+        extras["train_reward"][str(round_)] = mean
+      else:
+        state, fraction, last = stage2(loop, state, reference, frozen, round_, extras, writer)
+        extras["accepted_fraction"][str(round_)] = fraction
+        if config.feedback.enabled and last is not None:
+          _feedback(loop, config, workdir, db, last, round_, int(state.step), extras)
+        record = evaluate_round(loop, state.params, frozen, round_ + 1, extras)
+        record.update(train_reward=extras["train_reward"].get(str(round_), float("nan")),
+                      accepted_fraction=fraction)
+        extras["history"].append(record)
+        writer.write(int(state.step), {"reward": record["reward"],
+                                       "composite": record["composite"],
+                                       **record["metrics"]}, split="heldout")
+        if guard.best_index(extras["history"]) == len(extras["history"]) - 1:
+          _save_best(loop, state.params, frozen, round_ + 1)
+        if config.guard.enabled:
+          stop, reason = guard.check(extras["history"], config.guard.tolerance)
+          if stop:
+            log.warning("reward-hacking guard: %s; keeping round %d", reason,
+                        extras["history"][guard.best_index(extras["history"])]["round"])
+            extras["stop_reason"] = reason
+      extras["phase"] += 1
+      checkpoint.save(manager, extras["phase"], {"state": state, "reference": reference,
+                                                 "frozen": frozen},
+                      config={**loop.ldm_meta, "rlhf": config.to_dict()}, extras=extras)
+      bar.update(1)
+      if config.stop_after_phase and extras["phase"] >= config.stop_after_phase:
+        break
+    bar.close()
+  finally:
+    checkpoint.wait(manager)
+    manager.close()
+    writer.close()
+  return _outputs(loop, workdir, extras, writer)
+
+
+def _feedback(loop, config, workdir, db, last, round_, step, extras) -> None:
+  """Pushes the round's last candidates to the rating store; retrains the Selector if asked."""
+  images, texts = last
+  media = workdir / "feedback"
+  counts = feedback.push_candidates(
+      media / f"round_{round_:03d}", db, images, texts, seeds=[config.seed] * len(texts),
+      model_step=step, media=media, simulated=config.feedback.simulate, rater_seed=config.seed)
+  log.info("round %d feedback: %s", round_, counts)
+  if config.feedback.retrain_selector:
+    version = extras["selector"]["version"] + 1
+    result = feedback.retrain_selector(db, extras["selector"]["path"],
+                                       workdir / "selector" / f"v{version}",
+                                       config.feedback.selector)
+    extras["selector"] = {"version": version, "path": result["workdir"]}
+    loop.reward = reward_lib.load_selector_reward(result["workdir"], version,
+                                                  config.reward_batch_size)
+
+
+def _outputs(loop: Loop, workdir: pathlib.Path, extras, writer) -> dict[str, Any]:
+  history = extras["history"]
+  best = history[guard.best_index(history)]
+  prompts = [p for p in loop.prompt_set.heldout for _ in range(loop.config.guard.samples_per_prompt)]
+  load = lambda r: np.load(workdir / HELDOUT_DIR / f"round_{r:03d}.npy")
+  summary = {"history": history, "best_round": best["round"],
+             "stopped": bool(extras["stop_reason"]), "stop_reason": extras["stop_reason"],
+             "queries": extras["queries"], "selector": extras["selector"],
+             "heldout_prompts": list(loop.prompt_set.heldout)}
+  paths = report.write_report(workdir / "report", summary, before=(load(0), prompts),
+                              after=(load(best["round"]), prompts))
+  last = history[-1]
+  fractions = [h["accepted_fraction"] for h in history[1:] if "accepted_fraction" in h]
+  return {"workdir": str(workdir), "checkpoints": checkpoint.checkpoint_dir(workdir),
+          "best_checkpoint": str(workdir / BEST_DIR), "metrics": str(writer.jsonl_path),
+          **paths, "best_round": best["round"], "rounds_done": len(history) - 1,
+          "stopped": bool(extras["stop_reason"]), "stop_reason": extras["stop_reason"],
+          "queries": extras["queries"], "reward_before": history[0]["reward"],
+          "reward_after": last["reward"], "composite_before": history[0]["composite"],
+          "composite_after": last["composite"], "accepted_fraction": fractions,
+          "heldout_before": history[0]["metrics"], "heldout_after": last["metrics"]}

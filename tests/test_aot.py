@@ -1,0 +1,56 @@
+"""Ahead-of-time compilation of the tiny LDM config for a 4-chip TPU v5e slice, on this CPU host.
+
+Needs the libtpu package (the `tpu` and `test` extras): XLA's TPU compiler runs here with no
+TPU attached. One module-scoped compile (train step with fully sharded state, and the sampler)
+serves every test.
+"""
+
+import math
+
+import pytest
+
+from fundax import aot
+from fundax import configlib
+
+TOPOLOGY = "v5e:2x2"
+
+
+@pytest.fixture(scope="module")
+def report():
+  config = configlib.load_config("configs/ldm.py:tiny")
+  configlib.apply_overrides(config, ["text_encoder=random", "sample.num_steps=1"])
+  with config.unlocked():
+    config.mesh = {"data": 1, "fsdp": -1}
+  return aot.run(config, TOPOLOGY, cached_latents=True, sampler=True)
+
+
+def test_topology_devices_and_mesh(report):
+  assert report["device_kind"] == "TPU v5 lite"
+  assert (report["chips"], report["devices"]) == (4, 4)
+  assert report["mesh"] == {"data": 1, "fsdp": 4}
+  assert report["batch_per_chip"] == report["batch_size"] / 4
+
+
+def test_train_step_state_is_sharded_and_fits(report):
+  mem = report["train_step"]["memory"]
+  # The state is params + two Adam moments + EMA, float32, and it is donated (aliased to the
+  # new state); with fsdp over 4 chips each chip holds between a quarter of it (every tensor
+  # sharded) and all of it (none sharded).
+  state_gib = report["unet_params"] * 4 * 4 / aot.GIB
+  assert state_gib / 4 <= mem["aliased"] < state_gib, mem
+  assert mem["arguments"] > mem["aliased"]  # + the batch and the frozen text encoder
+  assert mem["fits"] and mem["hbm"] == 16
+  assert math.isclose(mem["peak"], mem["arguments"] + mem["outputs"] - mem["aliased"]
+                      + mem["temporaries"] + mem["code"])
+  assert report["train_step"]["cost"]["flops"] > 0
+
+
+def test_sampler_compiles(report):
+  sampler = report["sampler"]
+  assert sampler["batch"] == 4
+  assert sampler["memory"]["fits"] and sampler["cost"]["flops"] > 0
+
+
+def test_bad_topology_names_the_format():
+  with pytest.raises(ValueError, match="GENERATION:GRID"):
+    aot.get_topology("v5e-16")

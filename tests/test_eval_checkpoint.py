@@ -1,0 +1,131 @@
+"""`fundax evaluate` end to end: a tiny random LDM checkpoint on disk -> metrics.json + report."""
+
+import dataclasses
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from fundax import checkpoint
+from fundax import cli
+from fundax import configlib
+from fundax import sampling
+from fundax.data import captions
+from fundax.data import phantom
+from fundax.data import tokenizer as tokenizer_lib
+from fundax.eval import evaluator as ev
+from fundax.eval import run
+from fundax.eval import utility
+from fundax.models import text_encoder as text_lib
+from fundax.selector import score as score_lib
+
+import tiny_ldm
+
+EVALUATOR = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "contrast": True,
+             "max_pool": True, "resolution": 32}
+
+
+def _vocab(directory):
+  """A 128-entry WordPiece vocabulary (the tiny BERT's size) holding the captions' words."""
+  words = set()
+  for seed in range(12):
+    words.update(re.findall(r"[a-z]+", captions.caption(phantom.generate(seed, 64).labels).lower()))
+  tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)][:128]
+  tokens += [f"[unused{i}]" for i in range(128 - len(tokens))]
+  directory.mkdir()
+  (directory / "vocab.txt").write_text("\n".join(tokens) + "\n")
+  return directory
+
+
+@pytest.fixture(scope="module")
+def ldm_checkpoint(tmp_path_factory):
+  """A random tiny LDM saved in the LDM trainer's checkpoint layout (fundax/trainers/ldm.py)."""
+  root = tmp_path_factory.mktemp("ldm")
+  vocab = _vocab(root / "vocab")
+  models = dataclasses.replace(tiny_ldm.tiny_models(),
+                               special_tokens=text_lib.special_tokens(vocab))
+  params = tiny_ldm.init_params(models)
+  config = {"job": configlib.load_config("configs/ldm.py:tiny").to_dict(),
+            "models": sampling.models_to_config(models),
+            "tokenizer": tokenizer_lib.tokenizer_reference(str(vocab)),
+            "max_length": tiny_ldm.LENGTH}
+  workdir = root / "run"
+  with checkpoint.make_manager(workdir, max_to_keep=1) as manager:
+    checkpoint.save(manager, 1, {"state": {"params": params["unet"],
+                                           "ema_params": params["unet"]},
+                                 "frozen": {"vae": params["vae"], "text": params["text"]}},
+                    config=config, extras={})
+    checkpoint.wait(manager)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+  # Untrained: the glue is under test here, not the evaluator's accuracy.
+  directory = tmp_path_factory.mktemp("ev") / "evaluator"
+  model = ev.make_model(EVALUATOR)
+  ev.save_evaluator(directory, ev.init_params(model, jax.random.key(0), 32), EVALUATOR)
+  return str(directory)
+
+
+def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_path, capsys,
+                                          monkeypatch):
+  prompts = ["right eye, macula-centred, moderate diabetic retinopathy",
+             "left eye, macula-centred, no diabetic retinopathy"]
+  (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", *prompts, ""]))
+  scored = []
+
+  def fake_score_images(selector_dir, paths, prompts):
+    # The real scorer is tested in test_selector_train.py; here: what evaluate hands it.
+    scored.append((selector_dir, list(paths), list(prompts)))
+    return [{"score": i / 10} for i in range(len(paths))]
+  monkeypatch.setattr(score_lib, "score_images", fake_score_images)
+  # A few steps of a narrow TSTR classifier: its learning is tested in test_eval_utility.py.
+  monkeypatch.setattr(utility, "DEFAULTS", {**utility.DEFAULTS, "width": 8,
+                                            "stage_sizes": (1,), "steps": 3, "batch_size": 4})
+  out = tmp_path / "out"
+  assert cli.main(["evaluate", "--checkpoint", ldm_checkpoint, "--evaluator", evaluator_dir,
+                   "--selector", "/selector/run", "--prompts", str(tmp_path / "prompts.txt"),
+                   "--out", str(out), "--samples-per-prompt", "2", "--num-steps", "2",
+                   "--num-reference", "6", "--num-heldout", "4"]) == 0
+  printed = capsys.readouterr().out
+  assert "Fréchet distance" in printed and f"report: {out / 'report.html'}" in printed
+
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["num_images"] == 4 and metrics["num_reference"] == 6
+  samples = sorted(out.glob("samples/*.png"))
+  assert len(samples) == 4
+  # Two samples per prompt, in prompt order, handed to the Selector with their prompts.
+  assert scored == [("/selector/run", [str(p) for p in samples],
+                     [prompts[0]] * 2 + [prompts[1]] * 2)]
+  assert metrics["selector"]["scores"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+  assert set(metrics["diversity"]) == set(prompts)
+  assert metrics["consistency"]["dr_grade"]["n"] == 4
+  assert np.sum(metrics["consistency"]["laterality"]["confusion"]) == 4
+  assert set(metrics["utility"]) == {"synthetic", "synthetic+real"}
+  assert metrics["utility"]["synthetic"]["n"] == 4
+  assert len(metrics["privacy"]["pixel_rms"]) == 4
+  assert all(np.isfinite(metrics["fidelity"][k]) for k in ("frechet_distance", "kid"))
+  html = (out / "report.html").read_text()
+  assert "SYNTHETIC IMAGES" in html and "Selector score" in html
+  assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'src="([^"]*)"', html))
+
+
+def test_privacy_reference_is_the_phantom_training_split():
+  # The LDM's phantom training images are reproduced from their seeds, not drawn anew.
+  images, labels = run.phantom_data("train", 2, 64)
+  first = phantom.generate(0, 64)
+  np.testing.assert_array_equal(images[0], first.image)
+  assert labels[0] == first.labels
+
+
+def test_evaluate_checkpoint_rejects_bad_sizes_before_generating(tmp_path):
+  with pytest.raises(ValueError, match="num_reference"):
+    run.evaluate_checkpoint(str(tmp_path), str(tmp_path / "out"), num_reference=0)
+  with pytest.raises(ValueError, match="empty prompt list"):
+    run.evaluate_checkpoint(str(tmp_path), str(tmp_path / "out"), prompts=[])
+  with pytest.raises(ValueError, match="holds no prompts"):
+    (tmp_path / "p.txt").write_text("\n\n")
+    run.read_prompts(str(tmp_path / "p.txt"))
