@@ -262,8 +262,52 @@ def compile_sampler(config: ml_collections.ConfigDict, models: sampling.Models, 
                         jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar)).compile()
 
 
+def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.ConfigDict,
+                        models: sampling.Models, mesh: Any) -> tuple[Any, int]:
+  """Compiles the DDPO update (`fundax.rl.ddpo.ddpo_update_step`) on a batch of rollouts.
+
+  The batch is what `fundax.rl.rounds` feeds it: `rlhf.rollout.num_steps` + 1 latents per
+  trajectory, their log-probs, advantages and the guided sampler's conditioning, all split over
+  the batch shards, with `config.batch_size` trajectories (the per-chip batch times the chips).
+  The state is the UNet's, sharded by the LDM config's rules; the reference UNet (the KL's)
+  has the same shardings and is an input like the trainer's frozen networks.
+
+  Returns:
+    (the compiled update, how many denoising steps of each trajectory it trains on).
+  """
+  # Imported here: the RLHF package pulls in the evaluators and the feedback store.
+  from fundax.rl import ddpo  # pylint: disable=g-import-not-at-top
+  from fundax.rl import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  rules = [tuple(r) for r in config.sharding_rules]
+  tx = optim.make_optimizer({**rlhf.optim.to_dict(), "total_steps": 1})
+  rng = jax.random.key(config.seed, impl=config.prng_impl)
+  init = lambda rng: models.unet.init(rng, *unet_lib.dummy_inputs(models.unet.config))["params"]
+  state = parallel.abstract_sharded(lambda rng: state_lib.create(init(rng), tx), rng, mesh, rules)
+  reference = state.params
+  b, steps_, length = config.batch_size, rlhf.rollout.num_steps, config.max_length
+  if b % parallel.batch_size_divisor(mesh):
+    raise ValueError(f"batch_size {b} is not a multiple of the batch shards of {dict(mesh.shape)}")
+  axes = parallel.batch_axes(mesh)
+  on = lambda shape, dtype, *spec: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  text = lambda: (on((b, length, models.text.output_dim), jnp.float32, axes),
+                  on((b, length), jnp.int32, axes))
+  batch = {"latents": on((steps_ + 1, b) + models.latent_shape, jnp.float32, None, axes),
+           "log_probs": on((steps_, b), jnp.float32, None, axes),
+           "timesteps": on((steps_,), jnp.int32), "prev_timesteps": on((steps_,), jnp.int32),
+           "advantages": on((b,), jnp.float32, axes), "cond": text(), "uncond": text(),
+           **{k: on((), jnp.float32) for k in ("guidance_scale", "eta", "clip_range")}}
+  stochastic = rollout_lib.stochastic_steps(models, steps_)
+  step = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
+                                   config=rlhf.stage1, stochastic=stochastic),
+                 donate_argnums=(0,))
+  key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=parallel.replicated(mesh))
+  count = ddpo.num_train_steps(len(stochastic), rlhf.stage1.timestep_fraction)
+  return step.lower(state, batch, key, {"reference": reference}).compile(), count
+
+
 def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: bool = False,
-        sampler: bool = True) -> dict[str, Any]:
+        sampler: bool = True, rlhf: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
   """Compiles an LDM config's train step (and sampler) for a TPU topology; no TPU needed.
 
   Args:
@@ -271,10 +315,11 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
     topology: e.g. "v5e:4x4".
     cached_latents: the batch holds precomputed latents and text embeddings.
     sampler: also compile the sampler, one prompt per batch shard.
+    rlhf: a configs/rlhf.py config: also compile its DDPO update on `batch_size` rollouts.
 
   Returns:
     A JSON-serialisable report: topology, mesh, batch per chip, parameter count and, for
-    "train_step" (and "sampler"), per-device memory (GiB) and cost analysis.
+    "train_step" (and "sampler", "rlhf_update"), per-device memory (GiB) and cost analysis.
   """
   topo = get_topology(topology)
   mesh = parallel.make_mesh(config.mesh, devices=list(topo.devices))
@@ -299,7 +344,13 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
     report["sampler"] = dict(batch=batch, sampler=config.sample.sampler,
                              num_steps=config.sample.num_steps,
                              memory=memory_report(compiled, hbm), cost=cost_report(compiled))
+  if rlhf is not None:
+    compiled, count = compile_rlhf_update(config, rlhf, models, mesh)
+    report["rlhf_update"] = dict(
+        batch=config.batch_size, num_steps=rlhf.rollout.num_steps, trained_steps=count,
+        memory=memory_report(compiled, hbm), cost=cost_report(compiled))
   return report
+
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -312,7 +363,7 @@ def format_report(report: dict[str, Any]) -> str:
       f"{report['resolution']} px, latents {report['latent_shape']}, {report['dtype']}, "
       f"remat {report['remat']}, cached latents {report['cached_latents']}",
       f"global batch {report['batch_size']} = {report['batch_per_chip']:g} per chip"]
-  for name in ("train_step", "sampler"):
+  for name in ("train_step", "sampler", "rlhf_update"):
     if name not in report:
       continue
     mem, cost = report[name]["memory"], report[name]["cost"]

@@ -146,8 +146,9 @@ def cmd_aot(args, overrides):
   if args.per_chip_batch:
     with config.unlocked():
       config.batch_size = args.per_chip_batch * aot.get_topology(args.topology).chips
+  rlhf = None if args.no_rlhf else configlib.load_config(args.rlhf_config)
   report = aot.run(config, args.topology, cached_latents=args.cached_latents,
-                   sampler=not args.no_sampler)
+                   sampler=not args.no_sampler, rlhf=rlhf)
   print(aot.format_report(report))
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -337,15 +338,19 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="generation noise and KID subsets")
   p.set_defaults(func=cmd_evaluate)
 
-  p = sub.add_parser("aot", help="compile an LDM config's train step and sampler for a TPU "
-                     "topology on this host (needs libtpu); print per-chip memory and cost")
+  p = sub.add_parser("aot", help="compile an LDM config's train step, sampler and RLHF update "
+                     "for a TPU topology on this host (needs libtpu); print per-chip memory "
+                     "and cost")
   _add_config(p, "configs/sd15_fundus.py")
   p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x2, v5p:2x2x4")
   p.add_argument("--per-chip-batch", type=int, default=0,
                  help="set batch_size to this many images per chip (default: the config's)")
   p.add_argument("--cached-latents", action="store_true",
                  help="batches hold precomputed latents and text embeddings (no VAE in the step)")
-  p.add_argument("--no-sampler", action="store_true", help="compile the train step only")
+  p.add_argument("--no-sampler", action="store_true", help="do not compile the sampler")
+  p.add_argument("--rlhf-config", default="configs/rlhf.py",
+                 help="RLHF config whose DDPO update is compiled on batch_size rollouts")
+  p.add_argument("--no-rlhf", action="store_true", help="do not compile the RLHF update")
   p.add_argument("--out", help="also write the report as JSON here")
   p.set_defaults(func=cmd_aot)
 

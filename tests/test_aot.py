@@ -21,7 +21,8 @@ def report():
   configlib.apply_overrides(config, ["text_encoder=random", "sample.num_steps=1"])
   with config.unlocked():
     config.mesh = {"data": 1, "fsdp": -1}
-  return aot.run(config, TOPOLOGY, cached_latents=True, sampler=True)
+  rlhf = configlib.load_config("configs/rlhf.py:test")
+  return aot.run(config, TOPOLOGY, cached_latents=True, sampler=True, rlhf=rlhf)
 
 
 def test_topology_devices_and_mesh(report):
@@ -49,6 +50,17 @@ def test_sampler_compiles(report):
   sampler = report["sampler"]
   assert sampler["batch"] == 4
   assert sampler["memory"]["fits"] and sampler["cost"]["flops"] > 0
+
+
+def test_rlhf_update_compiles_on_sharded_rollouts(report):
+  update = report["rlhf_update"]
+  # configs/rlhf.py:test: 3 DDIM steps, the last deterministic (alpha-bar 1), half trained.
+  assert (update["batch"], update["num_steps"], update["trained_steps"]) == (
+      report["batch_size"], 3, 1)
+  mem = update["memory"]
+  assert mem["fits"] and mem["aliased"] > 0  # the donated UNet state
+  # The update runs the UNet forward and backward at least once per trained step.
+  assert update["cost"]["flops"] > report["train_step"]["cost"]["flops"] / 4
 
 
 def test_bad_topology_names_the_format():

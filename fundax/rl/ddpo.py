@@ -13,9 +13,13 @@ latents[i], with the exact Gaussian log-prob of `fundax.diffusion.steps`. One up
   3. applies one optimizer update with the mean gradient.
 
 The KL of one step is exact: both policies' steps are Gaussians with the same std (it depends on
-the schedule only), so KL = |mean_theta - mean_ref|^2 / (2 std^2), summed over latent elements
-like the log-probs. Metrics: the loss terms, approx-KL to the rollout policy
-(0.5 E[(log ratio)^2]), the clip fraction (|ratio - 1| > clip_range) and the mean ratio.
+the schedule only), so KL = |mean_theta - mean_ref|^2 / (2 std^2). Log-ratios and the KL are per
+latent element (the exact sums divided by the element count), as in ddpo-pytorch, which takes
+the mean log-prob over latent elements: a summed log-ratio grows with the latent size (a 32 x 32
+x 4 latent moves by hundreds of nats in one update), so a PPO clip of 1e-4 would clip every
+example and the same clip_range could not serve two resolutions. Metrics: the loss terms,
+approx-KL to the rollout policy (0.5 E[(log ratio)^2]), the clip fraction
+(|ratio - 1| > clip_range) and the mean ratio.
 
 Step config fields (`config.stage1` of configs/rlhf.py; read at trace time, static):
   timestep_fraction  fraction of the stochastic steps trained on per update (at least one).
@@ -107,6 +111,7 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
   clip_range = batch["clip_range"]
   kl_weight = float(config.kl_weight)
   per_example = jax.vmap(lambda traj, i: traj[i], in_axes=(1, 0))  # [T, B, ...], [B] -> [B, ...]
+  elements = math.prod(latents.shape[2:])  # latent elements per example
 
   def body(carry, idx):
     grads_sum, metrics_sum = carry
@@ -125,10 +130,11 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
     def loss_fn(params):
       mean, std = moments(params)
       log_prob = steps.gaussian_log_prob(x_prev, mean, std)
-      log_ratio = log_prob - old
+      log_ratio = (log_prob - old) / elements
       ratio = jnp.exp(log_ratio)
       pg = ppo_loss(ratio, batch["advantages"], clip_range).mean()
-      kl = gaussian_kl(mean, ref_mean, std).mean() if kl_weight > 0 else jnp.zeros(())
+      kl = (gaussian_kl(mean, ref_mean, std).mean() / elements if kl_weight > 0
+            else jnp.zeros(()))
       aux = {"policy_loss": pg, "kl_reference": kl,
              "approx_kl": 0.5 * jnp.mean(jnp.square(log_ratio)),
              "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),

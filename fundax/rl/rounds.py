@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fundax import checkpoint
 from fundax import parallel
@@ -96,11 +97,14 @@ def check_config(config: ml_collections.ConfigDict, *, need_selector: bool = Tru
     errors.append("stage2.temperature must be > 0")
   if not 0 < config.stage2.pretrain_batch_size <= config.stage2.pretrain_pool:
     errors.append("stage2.pretrain_batch_size must be in [1, stage2.pretrain_pool]")
-  divisor = jax.device_count()
+  divisor = parallel.batch_size_divisor(parallel.make_mesh(config.mesh.to_dict()))
   batch = r.prompts_per_batch * r.candidates_per_prompt
   if batch % divisor:
     errors.append(f"rollout.prompts_per_batch * candidates_per_prompt = {batch} must be a "
-                  f"multiple of the {divisor} devices")
+                  f"multiple of the mesh's {divisor} data-parallel devices")
+  if config.stage2.pretrain_batch_size % divisor:
+    errors.append(f"stage2.pretrain_batch_size = {config.stage2.pretrain_batch_size} must be a "
+                  f"multiple of the mesh's {divisor} data-parallel devices")
   if errors:
     raise ValueError("invalid RLHF config: " + "; ".join(errors))
 
@@ -132,6 +136,7 @@ class Loop:
   pretrain_cond: Any
   reward: Any
   heldout_fn: Callable
+  mesh: Mesh
   rng_rollout: jax.Array
   rng_stage1: jax.Array
   rng_stage2: jax.Array
@@ -145,9 +150,21 @@ class Loop:
   def tokens(self, texts):
     return sampling.tokenize_prompts(self.pipeline, list(texts))
 
+  def shard(self, tree, axis: int = 0):
+    """Places every array of `tree` on the mesh with dim `axis` split over the batch axes.
+
+    The steps follow their inputs' shardings, so this is what makes rollouts and updates
+    data-parallel; replicated inputs would have every device compute the whole batch.
+    """
+    def put(x):
+      spec = [None] * x.ndim
+      spec[axis] = parallel.batch_axes(self.mesh)
+      return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+    return jax.tree.map(put, tree)
+
   def sample(self, params, frozen, texts, key):
     """A rollout of `texts` (len == batch) with the run's sampler settings."""
-    tok = self.tokens(texts)
+    tok = self.shard({k: np.asarray(v) for k, v in self.tokens(texts).items()})
     r = self.config.rollout
     return self.rollout_fn(params, frozen, tok["input_ids"], tok["attention_mask"], key,
                            jnp.float32(r.guidance_scale), jnp.float32(r.eta))
@@ -210,7 +227,7 @@ def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:
   keys = jax.random.split(jax.random.key(config.seed), 4)
   return Loop(config, pathlib.Path(workdir), pipeline, ldm_meta, tx, rollout_fn, ddpo_fn,
               rwr_fn, prompt_set, pretrain_images, pretrain_cond, reward_fn, heldout_fn,
-              *keys)
+              parallel.make_mesh(config.mesh.to_dict()), *keys)
 
 
 def _threshold(reward_fn, rewards) -> float:
@@ -232,9 +249,9 @@ def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
     adv, extras["tracker"], info = advantages_lib.compute_advantages(
         extras["tracker"], texts, rewards, buffer_size=c.stage1.buffer_size,
         min_count=c.stage1.min_count, clip=c.stage1.advantage_clip)
-    batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
-             "prev_timesteps": ro.prev_timesteps, "advantages": jnp.asarray(adv),
-             "cond": ro.cond, "uncond": ro.uncond,
+    batch = {**loop.shard({"latents": ro.latents, "log_probs": ro.log_probs}, axis=1),
+             **loop.shard({"advantages": adv, "cond": ro.cond, "uncond": ro.uncond}),
+             "timesteps": ro.timesteps, "prev_timesteps": ro.prev_timesteps,
              "guidance_scale": jnp.float32(c.rollout.guidance_scale),
              "eta": jnp.float32(c.rollout.eta), "clip_range": jnp.float32(c.stage1.clip_range)}
     for _ in range(c.stage1.inner_epochs):
@@ -265,11 +282,11 @@ def stage2(loop: Loop, state, reference, frozen, round_, extras, writer):
     weights = rwr.reward_weights(rewards, accepted, c.stage2.temperature)
     rng = np.random.default_rng([c.seed, 3, round_, it])
     pick = rng.choice(len(loop.pretrain_images), c.stage2.pretrain_batch_size, replace=False)
-    batch = {"latents": ro.latents[-1], "cond": ro.cond, "weights": jnp.asarray(weights),
-             "rejected": jnp.asarray((~accepted).astype(np.float32)),
-             "pretrain_image": jnp.asarray(loop.pretrain_images[pick]),
-             "pretrain_cond": (jnp.asarray(loop.pretrain_cond[0][pick]),
-                               jnp.asarray(loop.pretrain_cond[1][pick]))}
+    batch = loop.shard({
+        "latents": ro.latents[-1], "cond": ro.cond, "weights": weights,
+        "rejected": (~accepted).astype(np.float32),
+        "pretrain_image": loop.pretrain_images[pick],
+        "pretrain_cond": (loop.pretrain_cond[0][pick], loop.pretrain_cond[1][pick])})
     for _ in range(c.stage2.updates):
       state, metrics = loop.rwr_fn(state, batch, loop.rng_stage2,
                                    {"vae": frozen["vae"], "reference": reference})
@@ -355,8 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop = build_loop(config, workdir, reward_fn=reward_fn, heldout_fn=heldout_fn)
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  replicated = parallel.replicated(mesh)
+  replicated = parallel.replicated(loop.mesh)
   unet = loop.pipeline.params["unet"]
   frozen_host = {"vae": loop.pipeline.params["vae"], "text": loop.pipeline.params["text"]}
 
