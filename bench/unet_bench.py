@@ -3,18 +3,21 @@
     python bench/unet_bench.py --size S          # writes bench/results/unet_S.json
     python bench/unet_bench.py --size M          # writes bench/results/unet_M.json
     python bench/unet_bench.py --size S --quick  # smoke run: few iterations, writes nothing
+    python bench/unet_bench.py --size S --quick --skip-sample  # forward and train only
 
 What one run does:
   1. A PyTorch worker process builds diffusers' UNet2DConditionModel after `torch.manual_seed`
      (timed: "construction"), saves it with `save_pretrained` and writes its forward output on
-     the benchmark batch.
+     the benchmark batch and its final sample (see below) from fixed initial noise.
   2. A JAX worker process imports that directory with `fundax.interop.diffusers.import_unet`
-     (timed with the transfer to the device: "params"), compiles the jitted forward and the
-     jitted, donating train step ahead of time (each timed), and checks its forward output
-     against PyTorch's (max|a - b| / max|b| < 1e-4) before anything is timed.
+     (timed with the transfer to the device: "params"), compiles the jitted forward, the
+     jitted, donating train step and the sampler ahead of time (each timed), and checks its
+     forward output against PyTorch's (max|a - b| / max|b| < 1e-4) and its final sample
+     against PyTorch's (< 1e-4 in float32) before anything is timed.
   3. Both workers stay alive and take turns: the parent asks one for a block of timed
-     iterations, then the other, alternating forward and train blocks for several rounds, so
-     the load from other users of the machine falls on both alike. A warm-up round is dropped.
+     iterations, then the other, alternating forward, train and sample blocks for several
+     rounds, so the load from other users of the machine falls on both alike. A warm-up round
+     of forward and train is dropped; each worker's parity sample is its sampler's warm-up.
      Throughput is batch / median per-iteration wall time (results are block_until_ready'd).
   4. Each worker reports its own peak RSS (`ru_maxrss`), so memory is not mixed.
 
@@ -24,6 +27,17 @@ the step), then AdamW (lr 1e-4, weight decay 1e-2, eps 1e-8) - `optax.adamw` vs
 `torch.optim.AdamW` (default foreach implementation). PyTorch runs eager with 2 threads. The first
 step's loss is compared too (same weights, same batch). Every timed block records
 `os.getloadavg()`: the machine is shared, so read the ratios, not the absolute numbers.
+
+The sample workload is text-to-image inference as Stable Diffusion runs it: 50 DDIM steps
+(eta 0, SD's scaled-linear scheduler config `DDIM_CONFIG`) with classifier-free guidance 7.5,
+for a batch of the size's batch, conditioned on the batch's text states with zeros as the
+unconditional states, so every step runs the UNet on the doubled batch [uncond; cond]. PyTorch
+runs the per-step Python loop of diffusers' pipelines (`DDIMScheduler`, `torch.cat`, model,
+`chunk`, guidance, `scheduler.step`) under `torch.no_grad`; fundax runs its own sampler,
+`fundax.diffusion.sample_loop`: the whole reverse process as one jitted `lax.scan`. One sample
+per timed block (a sample costs 100 UNet forwards at the batch size), in the first
+`sample_rounds` rounds only. The project's target is fundax sampling at >= 2x PyTorch's
+per-step loop (`sample_images_per_s` in `ratios_fundax_over_pytorch`).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -58,16 +73,24 @@ SIZES = {
                                     "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                   cross_attention_dim=384, attention_head_dim=8),
-        text_length=32, batch=16, rounds=6, block_seconds=4.0),
+        text_length=32, batch=16, rounds=6, block_seconds=4.0, sample_rounds=6),
     "M": dict(
         unet=dict(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                   cross_attention_dim=768, attention_head_dim=8),
-        text_length=64, batch=8, rounds=4, block_seconds=5.0),
+        text_length=64, batch=8, rounds=4, block_seconds=5.0, sample_rounds=2),
 }
-QUICK = dict(rounds=2, block_seconds=0.5)
+QUICK = dict(rounds=2, block_seconds=0.5, sample_rounds=1)
 LR, WEIGHT_DECAY, EPS = 1e-4, 1e-2, 1e-8
+# The sampling workload: Stable Diffusion's DDIM scheduler config (diffusers' kwargs; fundax's
+# `make_schedule_from_config` reads the same dict), 50 steps, classifier-free guidance 7.5.
+DDIM_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                   clip_sample=False, timestep_spacing="leading")
+SAMPLE_STEPS, GUIDANCE_SCALE, ETA = 50, 7.5, 0.0
+SAMPLE_ITERS = 1  # per timed block: one sample is 50 UNet calls on the doubled batch
+TOL_SAMPLE = 1e-4  # float32, over all 50 steps (measured 1.3e-6 at S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +107,13 @@ def make_batch(spec: dict, seed: int = 0) -> dict:
               timesteps=rng.integers(0, 1000, (b,)).astype(np.int64),
               text=rng.standard_normal((b, spec["text_length"], u["cross_attention_dim"]),
                                        np.float32))
+
+
+def make_sample_noise(spec: dict, seed: int = 1):
+  """The sampler's initial noise x_T [B, 4, s, s] (NCHW), the same on both sides for parity."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  s = spec["unet"]["sample_size"]
+  return np.random.default_rng(seed).standard_normal((spec["batch"], 4, s, s), np.float32)
 
 
 def alphas_cumprod():
@@ -112,8 +142,44 @@ def time_iterations(fn, iters: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Workers: each answers JSON requests on its own stdout (stray library prints go to stderr).
 
-def torch_worker(spec: dict, directory: str, threads: int):
-  """Builds the reference model, saves it and its output, then serves timing requests."""
+def torch_ddim_sampler(model, text, x_T):
+  """The reference sampler: the per-step loop of diffusers' Stable Diffusion pipeline.
+
+  Args:
+    model: the diffusers UNet (in eval mode).
+    text: conditional text states [B, L, D]; the unconditional ones are zeros.
+    x_T: initial noise [B, 4, s, s].
+
+  Returns:
+    A function that runs DDIM (`DDIM_CONFIG`, SAMPLE_STEPS steps, eta ETA) with
+    classifier-free guidance from x_T and returns the final latents: each step runs the model
+    once on the doubled batch [uncond; cond] and combines the two noise predictions.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+  scheduler = diffusers.DDIMScheduler(**DDIM_CONFIG)
+  both = torch.cat([torch.zeros_like(text), text])  # encoded once per call, as pipelines do
+
+  @torch.no_grad()
+  def sample():
+    scheduler.set_timesteps(SAMPLE_STEPS)
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+      model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+      eps_uncond, eps_cond = model(model_input, t, encoder_hidden_states=both).sample.chunk(2)
+      eps = eps_uncond + GUIDANCE_SCALE * (eps_cond - eps_uncond)
+      x = scheduler.step(eps, t, x, eta=ETA).prev_sample
+    return x
+
+  return sample
+
+
+def torch_worker(spec: dict, directory: str, threads: int, sample: bool):
+  """Builds the reference model, saves it and its outputs, then serves timing requests.
+
+  With `sample`, it also runs the reference sampler once (saved for the fundax worker's parity
+  check; it doubles as the sampler's warm-up) and serves "sample" requests.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import diffusers  # pylint: disable=import-outside-toplevel
@@ -128,6 +194,12 @@ def torch_worker(spec: dict, directory: str, threads: int):
   with torch.no_grad():
     ref = model(batch["latents"], batch["timesteps"], batch["text"]).sample
   np.save(os.path.join(directory, "reference_output.npy"), ref.numpy().transpose(0, 2, 3, 1))
+  ops = {}
+  if sample:
+    ops["sample"] = torch_ddim_sampler(model, batch["text"],
+                                       torch.from_numpy(make_sample_noise(spec)))
+    np.save(os.path.join(directory, "reference_sample.npy"),
+            ops["sample"]().numpy().transpose(0, 2, 3, 1))
   ready = dict(init=dict(construction_s=construction),
                param_count=sum(p.numel() for p in model.parameters()),
                version=torch.__version__, diffusers_version=diffusers.__version__,
@@ -154,18 +226,28 @@ def torch_worker(spec: dict, directory: str, threads: int):
   def set_mode(op):
     model.train(op == "train")
 
-  return ready, dict(forward=forward, train=train), set_mode, losses
+  return ready, dict(ops, forward=forward, train=train), set_mode, losses
 
 
-def jax_worker(spec: dict, directory: str, threads: int, levers: dict):
+def relative_error(out, ref) -> float:
+  """max|out - ref| / max|ref|, in float64."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: bool):
   """Imports the saved model into fundax, compiles, checks parity, then serves requests.
 
   `levers` (see LEVERS) change how fundax computes, never what: conv_impl, dtype, remat.
+  With `sample`, it also compiles fundax's DDIM sampler (`fundax.diffusion.sample_loop`, one
+  jitted `lax.scan` with classifier-free guidance) and checks its final latents against the
+  PyTorch worker's reference sample from the same noise.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+  from fundax import diffusion  # pylint: disable=import-outside-toplevel
   from fundax.interop import diffusers as dfx  # pylint: disable=import-outside-toplevel
   from fundax.models import unet  # pylint: disable=import-outside-toplevel
 
@@ -184,9 +266,22 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict):
                text=jnp.asarray(raw["text"]))
   ac_table = jnp.asarray(alphas_cumprod())
 
+  def denoise(params, x, t, text):
+    return model.apply({"params": params}, x, t, text).astype(jnp.float32)
+
   def forward_fn(params, batch):
-    out = model.apply({"params": params}, batch["latents"], batch["timesteps"], batch["text"])
-    return out.astype(jnp.float32)
+    return denoise(params, batch["latents"], batch["timesteps"], batch["text"])
+
+  schedule = diffusion.make_schedule_from_config(DDIM_CONFIG)
+
+  def sample_fn(params, x_T, text):
+    """The whole guided DDIM reverse process; uncond text states are zeros, as in PyTorch's."""
+    return diffusion.sample_loop(
+        functools.partial(denoise, params), schedule, x_T, text, jnp.zeros_like(text),
+        jax.random.key(0), sampler="ddim", num_steps=SAMPLE_STEPS,
+        guidance_scale=GUIDANCE_SCALE, eta=ETA,
+        timestep_spacing=DDIM_CONFIG["timestep_spacing"],
+        steps_offset=DDIM_CONFIG["steps_offset"])
 
   def train_step(state, batch):
     params, opt_state = state
@@ -211,16 +306,29 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict):
   t0 = time.perf_counter()
   step = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
   train_compile_s = time.perf_counter() - t0
+  init = dict(params_s=params_s, forward_compile_s=forward_compile_s, opt_init_s=opt_init_s,
+              train_compile_s=train_compile_s)
+  if sample:
+    x_T = jnp.asarray(make_sample_noise(spec).transpose(0, 2, 3, 1))
+    t0 = time.perf_counter()
+    sampler = jax.jit(sample_fn).lower(params, x_T, batch["text"]).compile()
+    init["sample_compile_s"] = time.perf_counter() - t0
 
-  out = np.asarray(forward(params, batch))
-  ref = np.load(os.path.join(directory, "reference_output.npy"))
-  err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
-  tol = TOL if levers["dtype"] == "float32" else TOL_BF16
+  f32 = levers["dtype"] == "float32"
+  err = relative_error(forward(params, batch),
+                       np.load(os.path.join(directory, "reference_output.npy")))
+  tol = TOL if f32 else TOL_BF16
   if not err < tol:
     raise SystemExit(f"fundax and diffusers outputs differ: rel err {err:.2e} >= {tol}")
-  ready = dict(init=dict(params_s=params_s, forward_compile_s=forward_compile_s,
-                         opt_init_s=opt_init_s, train_compile_s=train_compile_s),
-               parity_rel_err=err, version=jax.__version__,
+  parity = dict(parity_rel_err=err)
+  if sample:  # the parity sample doubles as the sampler's warm-up
+    err = relative_error(sampler(params, x_T, batch["text"]),
+                         np.load(os.path.join(directory, "reference_sample.npy")))
+    tol = TOL_SAMPLE if f32 else TOL_BF16
+    if not err < tol:
+      raise SystemExit(f"fundax and diffusers samples differ: rel err {err:.2e} >= {tol}")
+    parity["sample_parity_rel_err"] = err
+  ready = dict(parity, init=init, version=jax.__version__,
                param_count=sum(x.size for x in jax.tree.leaves(params)),
                devices=str(jax.devices()), threads=threads,
                xla_flags=os.environ.get("XLA_FLAGS", ""), levers=levers,
@@ -235,19 +343,23 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict):
     holder["state"], loss = step(holder["state"], batch)
     losses.append(float(loss))  # blocks until the step is done
 
-  return ready, dict(forward=run_forward, train=run_train), lambda op: None, losses
+  ops = dict(forward=run_forward, train=run_train)
+  if sample:
+    ops["sample"] = lambda: sampler(holder["state"][0], x_T, batch["text"]).block_until_ready()
+  return ready, ops, lambda op: None, losses
 
 
-def worker_main(framework: str, size: str, directory: str, threads: int, levers: dict):
+def worker_main(framework: str, size: str, directory: str, threads: int, levers: dict,
+                sample: bool):
   """Serves the parent: one JSON line per request on the original stdout."""
   channel = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)  # library prints must not corrupt the channel
   if framework == "jax":
     sys.path.insert(0, str(ROOT))
   if framework == "torch":
-    ready, ops, set_mode, losses = torch_worker(SIZES[size], directory, threads)
+    ready, ops, set_mode, losses = torch_worker(SIZES[size], directory, threads, sample)
   else:
-    ready, ops, set_mode, losses = jax_worker(SIZES[size], directory, threads, levers)
+    ready, ops, set_mode, losses = jax_worker(SIZES[size], directory, threads, levers, sample)
   ready["rss_after_init_mib"] = peak_rss_mib()
   channel.write(json.dumps(ready) + "\n")
   for line in sys.stdin:
@@ -271,7 +383,7 @@ class Worker:
   """A worker subprocess and its request/response channel."""
 
   def __init__(self, framework: str, size: str, directory: str, threads: int,
-               omp_wait_policy: str, levers: dict):
+               omp_wait_policy: str, levers: dict, sample: bool):
     self.framework = framework
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -287,7 +399,8 @@ class Worker:
     self.load_at_start = os.getloadavg()[0]
     self.proc = subprocess.Popen(
         [sys.executable, __file__, "--worker", framework, "--size", size, "--dir", directory,
-         "--threads", str(threads), "--levers", json.dumps(levers)],
+         "--threads", str(threads), "--levers", json.dumps(levers)]
+        + ([] if sample else ["--skip-sample"]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     self.ready = self.receive()
     self.ready["load_during_init"] = [self.load_at_start, os.getloadavg()[0]]
@@ -307,6 +420,16 @@ class Worker:
     final = self.request(op="exit")
     self.proc.wait()
     return final
+
+
+def fundax_init_s(init: dict) -> float:
+  """fundax's init as `init_time` counts it: params, forward compile, opt init, train compile.
+
+  The sampler's compile is reported on its own, so init_time compares across runs with and
+  without the sampling workload.
+  """
+  return (init["params_s"] + init["forward_compile_s"] + init["opt_init_s"]
+          + init["train_compile_s"])
 
 
 def cold_start(init: dict) -> float:
@@ -329,27 +452,38 @@ def summarize(blocks: list[dict], batch: int) -> dict:
               cpu_s_per_iteration=cpu, load_avg_1min=load_stats(blocks))
 
 
-def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict) -> dict:
+def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict,
+        sample: bool) -> dict:
   spec = dict(SIZES[size], **(QUICK if quick else {}))
   load_start = os.getloadavg()
   with tempfile.TemporaryDirectory(prefix=f"unet_bench_{size}_") as directory:
     print(f"[{size}] starting PyTorch worker (builds and saves the model)", flush=True)
-    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy, levers)}
+    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy, levers,
+                                 sample)}
     print(f"[{size}] starting fundax worker (import, compile, parity)", flush=True)
-    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy, levers)
-    print(f"[{size}] parity rel err {workers['fundax'].ready['parity_rel_err']:.2e}; "
+    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy, levers, sample)
+    fx_ready = workers["fundax"].ready
+    sample_parity = (f", sample {fx_ready['sample_parity_rel_err']:.2e} "
+                     f"({SAMPLE_STEPS}-step DDIM)" if sample else "")
+    print(f"[{size}] parity rel err {fx_ready['parity_rel_err']:.2e}{sample_parity}; "
           f"init: {json.dumps({k: w.ready['init'] for k, w in workers.items()})}", flush=True)
-    blocks = {name: {"forward": [], "train": []} for name in workers}
+    ops = ("forward", "train") + (("sample",) if sample else ())
+    blocks = {name: {op: [] for op in ops} for name in workers}
     iters = {}
     for op in ("forward", "train"):  # warm-up (dropped); it also sizes the timed blocks
       slowest = 0.0
       for w in workers.values():
         slowest = max(slowest, statistics.median(w.request(op=op, iters=2)["times"]))
       iters[op] = max(2, round(spec["block_seconds"] / slowest))
-    print(f"[{size}] iterations per block: {iters}; rounds: {spec['rounds']}", flush=True)
+    if sample:  # no warm-up here: each worker's parity sample was its first
+      iters["sample"] = SAMPLE_ITERS
+    print(f"[{size}] iterations per block: {iters}; rounds: {spec['rounds']}"
+          + (f" (sample in the first {spec['sample_rounds']})" if sample else ""), flush=True)
     for r in range(spec["rounds"]):
       order = list(workers) if r % 2 == 0 else list(workers)[::-1]
-      for op in ("forward", "train"):
+      for op in ops:
+        if op == "sample" and r >= spec["sample_rounds"]:
+          continue
         for name in order:
           blocks[name][op].append(workers[name].request(op=op, iters=iters[op]))
       print(f"[{size}] round {r + 1}/{spec['rounds']} done, load "
@@ -364,9 +498,11 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict
         load_avg_1min_during_init=ready["load_during_init"],
         forward=summarize(blocks[name]["forward"], spec["batch"]),
         train=summarize(blocks[name]["train"], spec["batch"]),
-        load_avg_1min_timed=load_stats(blocks[name]["forward"] + blocks[name]["train"]),
+        load_avg_1min_timed=load_stats([b for op in ops for b in blocks[name][op]]),
         peak_rss_mib=finals[name]["peak_rss_mib"], rss_after_init_mib=ready["rss_after_init_mib"],
         first_train_loss=finals[name]["losses"][0], param_count=ready["param_count"])
+    if sample:
+      frameworks[name]["sample"] = summarize(blocks[name]["sample"], spec["batch"])
   frameworks["pytorch"].update(diffusers_version=workers["pytorch"].ready["diffusers_version"],
                                omp_wait_policy=workers["pytorch"].ready["omp_wait_policy"])
   frameworks["fundax"].update(devices=workers["fundax"].ready["devices"],
@@ -381,20 +517,31 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict
                                 / pt["forward"]["images_per_cpu_s"]),
       train_images_per_cpu_s=fx["train"]["images_per_cpu_s"] / pt["train"]["images_per_cpu_s"],
       peak_rss=fx["peak_rss_mib"] / pt["peak_rss_mib"],
-      init_time=sum(fx["init"].values()) / pt["init"]["construction_s"],
+      init_time=fundax_init_s(fx["init"]) / pt["init"]["construction_s"],
       cold_start_s=cold_start(fx["init"]))
+  config = dict(unet=spec["unet"], text_length=spec["text_length"], batch=spec["batch"],
+                threads=threads, rounds=spec["rounds"], iterations_per_block=iters,
+                warmup_iterations=2,
+                optimizer=dict(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS))
   loss_a, loss_b = fx["first_train_loss"], pt["first_train_loss"]
+  parity = dict(forward_rel_err=fx_ready["parity_rel_err"], tolerance=TOL,
+                first_train_loss_rel_diff=abs(loss_a - loss_b) / abs(loss_b))
+  if sample:
+    ratios.update(
+        sample_images_per_s=fx["sample"]["images_per_s"] / pt["sample"]["images_per_s"],
+        sample_images_per_cpu_s=(fx["sample"]["images_per_cpu_s"]
+                                 / pt["sample"]["images_per_cpu_s"]))
+    config["sample"] = dict(
+        sampler="ddim", steps=SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE, eta=ETA,
+        scheduler=DDIM_CONFIG, rounds=spec["sample_rounds"], uncond_text="zeros",
+        warmup="the parity sample (one per worker)")
+    parity.update(sample_rel_err=fx_ready["sample_parity_rel_err"],
+                  sample_tolerance=TOL_SAMPLE if levers["dtype"] == "float32" else TOL_BF16)
   return dict(
       benchmark="fundax Flax UNet vs diffusers PyTorch UNet2DConditionModel, same weights, f32",
       size=size, quick=quick, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
-      config=dict(unet=spec["unet"], text_length=spec["text_length"], batch=spec["batch"],
-                  threads=threads, rounds=spec["rounds"], iterations_per_block=iters,
-                  warmup_iterations=2,
-                  optimizer=dict(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)),
-      parity=dict(forward_rel_err=workers["fundax"].ready["parity_rel_err"], tolerance=TOL,
-                  first_train_loss_rel_diff=abs(loss_a - loss_b) / abs(loss_b)),
-      frameworks=frameworks, ratios_fundax_over_pytorch=ratios,
+      config=config, parity=parity, frameworks=frameworks, ratios_fundax_over_pytorch=ratios,
       machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
                    load_avg_at_start=load_start, load_avg_at_end=os.getloadavg()),
       git_commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
@@ -408,14 +555,23 @@ def markdown(result: dict) -> str:
   init, cfg = fx["init"], result["config"]
   u = cfg["unet"]
 
-  def rate(framework, op):
+  def rate(framework, op, spec=".1f"):
     r = framework[op]
-    return f"{r['images_per_s']:.1f} ({r['images_per_cpu_s']:.1f})"
+    return f"{r['images_per_s']:{spec}} ({r['images_per_cpu_s']:{spec}})"
 
   def load(framework):
     s = framework["load_avg_1min_timed"]
     return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
 
+  sample_parity, sample_rows = "", []
+  if "sample" in fx:
+    steps = cfg["sample"]["steps"]
+    sample_parity = f", {steps}-step sample rel err {result['parity']['sample_rel_err']:.1e}"
+    sample_rows = [
+        f"| sample ({steps}-step DDIM, CFG {cfg['sample']['guidance_scale']}), images/s "
+        f"(per CPU-s) | {rate(fx, 'sample', '.3g')} | {rate(pt, 'sample', '.3g')} | "
+        f"{ratio['sample_images_per_s']:.2f}x ({ratio['sample_images_per_cpu_s']:.2f}x) |",
+        f"| sampler compile (one `lax.scan`), s | {init['sample_compile_s']:.1f} | | |"]
   return "\n".join([
       f"UNet {result['size']}: channels {tuple(u['block_out_channels'])}, "
       f"{u['layers_per_block']} layer(s)/block, {u['sample_size']}x{u['sample_size']} latents, "
@@ -424,7 +580,7 @@ def markdown(result: dict) -> str:
       f"{result['date'][:10]}, jax {fx['version']} / torch {pt['version']} "
       f"(OMP_WAIT_POLICY {pt['omp_wait_policy']}); forward parity rel err "
       f"{result['parity']['forward_rel_err']:.1e}, first-step loss rel diff "
-      f"{result['parity']['first_train_loss_rel_diff']:.1e}; fundax levers "
+      f"{result['parity']['first_train_loss_rel_diff']:.1e}{sample_parity}; fundax levers "
       f"{ {k: v for k, v in fx.get('levers', LEVERS).items() if v != LEVERS[k]} or 'none'}",
       "",
       "| | fundax (JAX/XLA) | diffusers (PyTorch) | fundax / PyTorch |",
@@ -434,7 +590,8 @@ def markdown(result: dict) -> str:
       f"| train step (AdamW), images/s (per CPU-s) | {rate(fx, 'train')} | "
       f"{rate(pt, 'train')} | {ratio['train_images_per_s']:.2f}x "
       f"({ratio['train_images_per_cpu_s']:.2f}x) |",
-      f"| init, s | {sum(init.values()):.1f}: params {init['params_s']:.1f}, forward compile "
+      *sample_rows,
+      f"| init, s | {fundax_init_s(init):.1f}: params {init['params_s']:.1f}, forward compile "
       f"{init['forward_compile_s']:.1f}, opt init {init['opt_init_s']:.1f}, train compile "
       f"{init['train_compile_s']:.1f} | {pt['init']['construction_s']:.1f} (construction) | "
       f"{ratio['init_time']:.1f}x |",
@@ -466,16 +623,20 @@ def main():
                       help="fundax worker's malloc (jemalloc via LD_PRELOAD)")
   parser.add_argument("--xla-flags", default=LEVERS["xla_flags"],
                       help="extra XLA_FLAGS for the fundax worker")
+  parser.add_argument("--skip-sample", action="store_true",
+                      help=f"leave out the {SAMPLE_STEPS}-step DDIM sampling workload")
   parser.add_argument("--levers", help=argparse.SUPPRESS)
   parser.add_argument("--worker", choices=("torch", "jax"), help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.size, args.dir, args.threads, json.loads(args.levers))
+    worker_main(args.worker, args.size, args.dir, args.threads, json.loads(args.levers),
+                not args.skip_sample)
     return
   levers = dict(conv_impl=args.conv_impl, dtype=args.dtype, remat=args.remat,
                 allocator=args.allocator, xla_flags=args.xla_flags)
-  result = run(args.size, args.quick, args.threads, args.omp_wait_policy, levers)
+  result = run(args.size, args.quick, args.threads, args.omp_wait_policy, levers,
+               not args.skip_sample)
   print(json.dumps(result["ratios_fundax_over_pytorch"]))
   print()
   print(markdown(result))

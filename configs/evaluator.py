@@ -1,7 +1,6 @@
 """The independent fundus evaluator, trained on phantom images (fundax/eval/evaluator_train.py).
 
-  python -c "from fundax import configlib; from fundax.eval import evaluator_train; \
-    evaluator_train.train_evaluator(configlib.load_config('configs/evaluator.py:tiny'), '/tmp/ev')"
+  fundax train evaluator --config configs/evaluator.py:tiny --workdir runs/evaluator_tiny
 
 Variants: default (128 px, 20k phantom images, 20k steps; not yet run end to end: hours on a
 CPU) and "tiny" (64 px, 256 images, 150 steps: ~80 s on 2 shared CPU cores; held-out accuracy

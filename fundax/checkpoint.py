@@ -162,7 +162,7 @@ def _check_state_matches(abstract_state: Any, step_dir: str) -> None:
   """Raises ValueError naming the first state leaf whose path or shape differs on disk."""
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      stored = ckptr.metadata(os.path.join(step_dir, STATE)).item_metadata.tree
+      stored = ckptr.metadata(os.path.abspath(os.path.join(step_dir, STATE))).item_metadata.tree
   except Exception as e:  # see _restore
     raise CheckpointError(f"cannot read the state metadata of checkpoint step {step_dir}: "
                           f"{type(e).__name__}: {e}") from e
@@ -213,7 +213,8 @@ def load_config(path: str | os.PathLike, *, step: int | None = None) -> dict:
 def _restore_to_host(item_dir: str, keys: tuple[str, ...] | None = None) -> Any:
   """Restores an array item (or the given top-level keys of it) as host numpy arrays."""
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.metadata(item_dir).item_metadata.tree
+    # Absolute: with a relative path Orbax returns no item metadata.
+    tree = ckptr.metadata(os.path.abspath(item_dir)).item_metadata.tree
     if keys is not None:
       tree = {k: tree[k] for k in keys if tree.get(k) is not None}
     # numpy targets restore on the host, whatever topology wrote the checkpoint.

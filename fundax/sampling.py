@@ -251,7 +251,7 @@ class Pipeline(NamedTuple):
 
 def _checkpoints_dir(path: str | pathlib.Path) -> pathlib.Path:
   """A run's checkpoints directory, given it or the run's workdir."""
-  directory = pathlib.Path(path)
+  directory = pathlib.Path(path).absolute()  # Orbax reads no item metadata via relative paths
   if (directory / checkpoint.CHECKPOINT_SUBDIR).is_dir():
     directory = directory / checkpoint.CHECKPOINT_SUBDIR
   return directory

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fundax import sampling
-from tiny_ldm import STEPS, init_params, prompts, tiny_models
+from tiny_ldm import LENGTH, STEPS, init_params, prompts, tiny_models
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -152,3 +152,23 @@ def test_long_prompt_truncated_with_warning(tokenizer, caplog):
   assert tokens["attention_mask"][1].sum() == 8  # full: cut to the length, [SEP] kept last
   assert tokens["input_ids"][1, -1] == tokenizer.sep_token_id
   assert tokens["attention_mask"][0].sum() < 8
+
+
+def test_load_pipeline_from_a_relative_workdir(tiny, tmp_path, monkeypatch):
+  """`fundax main --workdir runs/x` hands relative paths on; Orbax reads no metadata from them."""
+  from fundax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  models, params, _, _ = tiny
+  monkeypatch.chdir(tmp_path)
+  manager = checkpoint.make_manager("run", max_to_keep=1, async_=False)
+  checkpoint.save(manager, 1, {"state": {"params": params["unet"]},
+                               "frozen": {"vae": params["vae"], "text": params["text"]}},
+                  config={"models": sampling.models_to_config(models),
+                          "tokenizer": tokenizer_lib.tokenizer_reference(),
+                          "max_length": LENGTH}, extras={})
+  checkpoint.wait(manager)
+  manager.close()
+  pipeline = sampling.load_pipeline("run")
+  assert pipeline.max_length == LENGTH
+  for a, b in zip(jax.tree.leaves(pipeline.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
