@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.unet.prediction_type = "epsilon"  # what the UNet predicts: epsilon or v_prediction
   c.unet.text_mask = True  # cross-attention ignores padding tokens
   c.unet.remat = base  # rematerialise blocks in the backward pass (saves memory)
+  c.unet.attention_chunk = 0  # queries per attention chunk (0: all); bounds score memory
   # Compute dtype of the UNet, VAE and text encoder (bfloat16 = mixed; params stay float32).
   c.dtype = "bfloat16" if base else "float32"
 

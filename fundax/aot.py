@@ -157,7 +157,8 @@ def abstract_models(config: ml_collections.ConfigDict) -> tuple[sampling.Models,
       block_out_channels=tuple(u.block_out_channels), down_block_types=down,
       up_block_types=up, layers_per_block=u.layers_per_block,
       cross_attention_dim=text.output_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat)
+      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
+      attention_chunk=u.attention_chunk)
   models = sampling.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype), vae=vae, text=text,
       scheduler=config.scheduler.to_dict(), text_mask=u.text_mask)
@@ -213,6 +214,25 @@ def cost_report(compiled: Any) -> dict[str, float]:
   return {out: float(cost[k]) for k, out in names.items() if k in cost}
 
 
+def _analyse(compile_fn, hbm_bytes: int | None) -> tuple[Any, dict[str, Any]]:
+  """Runs `compile_fn`; returns (compiled or None, {"memory", "cost"}).
+
+  The TPU compiler refuses a program that cannot fit in HBM (RESOURCE_EXHAUSTED); that is an
+  answer, not a crash: it is reported as not fitting, with XLA's message (which says how much
+  the program needed).
+  """
+  try:
+    compiled = compile_fn()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    memory = {"fits": False, "error": str(e).splitlines()[0]}
+    if hbm_bytes is not None:
+      memory["hbm"] = hbm_bytes / GIB
+    return None, {"memory": memory, "cost": {}}
+  return compiled, {"memory": memory_report(compiled, hbm_bytes), "cost": cost_report(compiled)}
+
+
 def compile_train_step(config: ml_collections.ConfigDict, models: sampling.Models,
                        frozen: dict, mesh: Any, *, cached_latents: bool) -> Any:
   """Compiles `ldm_train_step` for the mesh's devices exactly as the trainer jits it."""
@@ -263,7 +283,7 @@ def compile_sampler(config: ml_collections.ConfigDict, models: sampling.Models, 
 
 
 def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.ConfigDict,
-                        models: sampling.Models, mesh: Any) -> tuple[Any, int]:
+                        models: sampling.Models, mesh: Any) -> Any:
   """Compiles the DDPO update (`fundax.rl.ddpo.ddpo_update_step`) on a batch of rollouts.
 
   The batch is what `fundax.rl.rounds` feeds it: `rlhf.rollout.num_steps` + 1 latents per
@@ -273,7 +293,7 @@ def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.
   has the same shardings and is an input like the trainer's frozen networks.
 
   Returns:
-    (the compiled update, how many denoising steps of each trajectory it trains on).
+    The compiled update.
   """
   # Imported here: the RLHF package pulls in the evaluators and the feedback store.
   from fundax.rl import ddpo  # pylint: disable=g-import-not-at-top
@@ -302,8 +322,15 @@ def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.
                                    config=rlhf.stage1, stochastic=stochastic),
                  donate_argnums=(0,))
   key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=parallel.replicated(mesh))
-  count = ddpo.num_train_steps(len(stochastic), rlhf.stage1.timestep_fraction)
-  return step.lower(state, batch, key, {"reference": reference}).compile(), count
+  return step.lower(state, batch, key, {"reference": reference}).compile()
+
+
+def rlhf_trained_steps(rlhf: ml_collections.ConfigDict, models: sampling.Models) -> int:
+  """How many denoising steps of each trajectory the DDPO update trains on."""
+  from fundax.rl import ddpo  # pylint: disable=g-import-not-at-top
+  from fundax.rl import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  stochastic = rollout_lib.stochastic_steps(models, rlhf.rollout.num_steps)
+  return ddpo.num_train_steps(len(stochastic), rlhf.stage1.timestep_fraction)
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: bool = False,
@@ -331,24 +358,24 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
       devices=len(topo.devices), mesh=dict(mesh.shape), batch_size=config.batch_size,
       batch_per_chip=config.batch_size / topo.chips, resolution=config.resolution,
       latent_shape=list(models.latent_shape), dtype=config.dtype, remat=bool(config.unet.remat),
-      cached_latents=cached_latents,
+      attention_chunk=int(config.unet.attention_chunk), cached_latents=cached_latents,
       unet_params=sum(math.prod(x.shape) for x in jax.tree.leaves(unet_params)),
       text_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["text"])),
       vae_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["vae"])))
   hbm = topo.hbm_bytes_per_device
-  compiled = compile_train_step(config, models, frozen, mesh, cached_latents=cached_latents)
-  report["train_step"] = dict(memory=memory_report(compiled, hbm), cost=cost_report(compiled))
+  _, report["train_step"] = _analyse(functools.partial(
+      compile_train_step, config, models, frozen, mesh, cached_latents=cached_latents), hbm)
   if sampler:
     batch = parallel.batch_size_divisor(mesh)
-    compiled = compile_sampler(config, models, frozen, mesh, batch)
+    _, analysis = _analyse(
+        functools.partial(compile_sampler, config, models, frozen, mesh, batch), hbm)
     report["sampler"] = dict(batch=batch, sampler=config.sample.sampler,
-                             num_steps=config.sample.num_steps,
-                             memory=memory_report(compiled, hbm), cost=cost_report(compiled))
+                             num_steps=config.sample.num_steps, **analysis)
   if rlhf is not None:
-    compiled, count = compile_rlhf_update(config, rlhf, models, mesh)
-    report["rlhf_update"] = dict(
-        batch=config.batch_size, num_steps=rlhf.rollout.num_steps, trained_steps=count,
-        memory=memory_report(compiled, hbm), cost=cost_report(compiled))
+    _, analysis = _analyse(
+        functools.partial(compile_rlhf_update, config, rlhf, models, mesh), hbm)
+    report["rlhf_update"] = dict(batch=config.batch_size, num_steps=rlhf.rollout.num_steps,
+                                 trained_steps=rlhf_trained_steps(rlhf, models), **analysis)
   return report
 
 
@@ -361,12 +388,17 @@ def format_report(report: dict[str, Any]) -> str:
       f"UNet {report['unet_params'] / 1e6:.0f}M params, text encoder "
       f"{report['text_params'] / 1e6:.0f}M, VAE {report['vae_params'] / 1e6:.0f}M; "
       f"{report['resolution']} px, latents {report['latent_shape']}, {report['dtype']}, "
-      f"remat {report['remat']}, cached latents {report['cached_latents']}",
+      f"remat {report['remat']}, attention chunk {report['attention_chunk'] or 'none'}, "
+      f"cached latents {report['cached_latents']}",
       f"global batch {report['batch_size']} = {report['batch_per_chip']:g} per chip"]
   for name in ("train_step", "sampler", "rlhf_update"):
     if name not in report:
       continue
     mem, cost = report[name]["memory"], report[name]["cost"]
+    if "error" in mem:
+      lines.append(f"{name}: DOES NOT FIT in {mem.get('hbm', float('nan')):.1f} GiB HBM: "
+                   f"{mem['error']}")
+      continue
     fits = "" if "hbm" not in mem else (
         f" of {mem['hbm']:.1f} GiB HBM: {'fits' if mem['fits'] else 'DOES NOT FIT'}")
     lines.append(

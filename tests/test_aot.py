@@ -1,12 +1,13 @@
 """Ahead-of-time compilation of the tiny LDM config for a 4-chip TPU v5e slice, on this CPU host.
 
 Needs the libtpu package (the `tpu` and `test` extras): XLA's TPU compiler runs here with no
-TPU attached. One module-scoped compile (train step with fully sharded state, and the sampler)
-serves every test.
+TPU attached. One module-scoped compile (train step with fully sharded state, the sampler and
+the RLHF update) serves every test.
 """
 
 import math
 
+import jax
 import pytest
 
 from fundax import aot
@@ -66,3 +67,23 @@ def test_rlhf_update_compiles_on_sharded_rollouts(report):
 def test_bad_topology_names_the_format():
   with pytest.raises(ValueError, match="GENERATION:GRID"):
     aot.get_topology("v5e-16")
+
+
+def test_program_too_big_for_hbm_is_reported_not_raised():
+  def too_big():
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                                     "memory required (27.07G) exceeds available HBM (15.75G).")
+  compiled, analysis = aot._analyse(too_big, 16 * aot.GIB)  # pylint: disable=protected-access
+  assert compiled is None and analysis["memory"]["fits"] is False
+  assert "27.07G" in analysis["memory"]["error"] and analysis["memory"]["hbm"] == 16
+  assert "DOES NOT FIT" in aot.format_report(
+      {"topology": "v5e:4x4", "chips": 16, "devices": 16, "device_kind": "TPU v5 lite",
+       "mesh": {"fsdp": 16}, "unet_params": 8.6e8, "text_params": 1.1e8, "vae_params": 8.4e7,
+       "resolution": 512, "latent_shape": [64, 64, 4], "dtype": "bfloat16", "remat": True,
+       "attention_chunk": 0, "cached_latents": True, "batch_size": 256, "batch_per_chip": 16,
+       "train_step": analysis})
+
+  def other_error():
+    raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+    aot._analyse(other_error, None)  # pylint: disable=protected-access

@@ -202,6 +202,34 @@ def test_remat_wraps_blocks_and_keeps_outputs(sd1_imported):
   assert "remat" not in grad_jaxpr(config)
 
 
+def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported):
+  config, params = sd1_imported
+  chunked = dataclasses.replace(config, attention_chunk=64)  # 256 tokens at 16x16: 4 chunks
+  _, jax_in = inputs(8)
+  np.testing.assert_allclose(apply_fn(chunked)(params, *jax_in), apply_fn(config)(params, *jax_in),
+                             rtol=1e-5, atol=1e-5)
+
+  def grads(cfg):
+    model = unet.UNet2DConditionModel(cfg)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, *jax_in) ** 2)
+    return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+  (g_chunked, jaxpr_chunked), (g_plain, jaxpr_plain) = grads(chunked), grads(config)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert "scan" in jaxpr_chunked and "scan" not in jaxpr_plain
+
+
+def test_chunked_attention_masks_keys_and_rejects_bad_chunks():
+  from fundax.models import layers  # pylint: disable=g-import-not-at-top
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 2, 4)) for i in range(3))
+  mask = (jnp.arange(12)[None, :] < jnp.array([[5], [12]]))[:, None, None, :]
+  np.testing.assert_allclose(layers.attention(q, k, v, mask, query_chunk=4),
+                             jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="must divide"):
+    layers.attention(q, k, v, query_chunk=5)
+
+
 @pytest.mark.parametrize("config", [SD15_FULL, SD21_FULL], ids=["sd15", "sd21"])
 def test_full_size_layouts_match_diffusers(config):
   """Every tensor of the real SD 1.5 / 2.1 UNets maps onto a fundax parameter of that shape."""

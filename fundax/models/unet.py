@@ -26,6 +26,8 @@ from fundax.models.layers import Dtype
 
 log = logging.getLogger(__name__)
 
+# UNetConfig fields of fundax's own, not in a diffusers config.json.
+_FUNDAX_FIELDS = ("prediction_type", "remat", "conv_impl", "attention_chunk")
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -82,6 +84,10 @@ class UNetConfig:
   # fundax only: how convolutions are computed, "native" or "matmul" (im2col, faster on
   # XLA:CPU); see fundax.models.layers.CONV_IMPLS. Parameters are the same either way.
   conv_impl: str = "native"
+  # fundax only: self- and cross-attention over chunks of this many queries (0: all at once),
+  # bounding the score matrix's memory at high resolution; see fundax.models.layers.attention.
+  # Chunks larger than a block's token count attend in one piece.
+  attention_chunk: int = 0
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -148,7 +154,7 @@ class UNetConfig:
     """Returns a diffusers UNet2DConditionModel config.json dict (fundax fields dropped)."""
     out = {"_class_name": "UNet2DConditionModel"}
     for k, v in dataclasses.asdict(self).items():
-      if k not in ("prediction_type", "remat", "conv_impl"):
+      if k not in _FUNDAX_FIELDS:
         out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
@@ -188,7 +194,7 @@ class UNet2DConditionModel(nn.Module):
     tdepth = cfg.per_block("transformer_layers_per_block")
     block_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
                     use_linear_projection=cfg.use_linear_projection,
-                    conv_impl=cfg.conv_impl, **kw)
+                    conv_impl=cfg.conv_impl, attention_chunk=cfg.attention_chunk, **kw)
     wrap = nn.remat if cfg.remat else (lambda cls: cls)
     context, mask = encoder_hidden_states, encoder_attention_mask
 

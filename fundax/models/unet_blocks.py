@@ -29,6 +29,7 @@ class _BlockOptions(nn.Module):
   transformer_layers: int = 1
   use_linear_projection: bool = False
   conv_impl: str = "native"  # see layers.CONV_IMPLS
+  attention_chunk: int = 0  # queries per attention chunk, see layers.attention
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -43,7 +44,8 @@ class _BlockOptions(nn.Module):
     # diffusers: head width = block channels // heads.
     return layers.Transformer2DModel(heads, self.out_channels // heads, self.transformer_layers,
                                      self.groups, self.use_linear_projection,
-                                     conv_impl=self.conv_impl, dtype=self.dtype,
+                                     conv_impl=self.conv_impl,
+                                     query_chunk=self.attention_chunk, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 

@@ -130,7 +130,8 @@ def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
       block_out_channels=tuple(u.block_out_channels), down_block_types=down,
       up_block_types=up, layers_per_block=u.layers_per_block,
       cross_attention_dim=text.output_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat)
+      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
+      attention_chunk=u.attention_chunk)
   models = sampling.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype),
       vae=vae_lib.AutoencoderKL(vae_config, dtype=dtype), text=text,
