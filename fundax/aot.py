@@ -148,20 +148,10 @@ def abstract_models(config: ml_collections.ConfigDict) -> tuple[sampling.Models,
   vae = vae_lib.AutoencoderKL(vae_config, dtype=dtype)
   image = jnp.zeros((1, config.resolution, config.resolution, 3))
   vae_params = jax.eval_shape(vae.init, jax.random.key(0), image)["params"]
-  u = config.unet
-  down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
-  up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
-  unet_config = unet_lib.UNetConfig(
-      sample_size=config.resolution // vae_config.downsample_factor,
-      in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels,
-      block_out_channels=tuple(u.block_out_channels), down_block_types=down,
-      up_block_types=up, layers_per_block=u.layers_per_block,
-      cross_attention_dim=text.output_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
-      attention_chunk=u.attention_chunk)
+  unet_config = ldm.make_unet_config(config, vae_config, text.output_dim)
   models = sampling.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype), vae=vae, text=text,
-      scheduler=config.scheduler.to_dict(), text_mask=u.text_mask)
+      scheduler=config.scheduler.to_dict(), text_mask=config.unet.text_mask)
   return models, {"vae": vae_params, "text": text_params}
 
 
@@ -214,8 +204,8 @@ def cost_report(compiled: Any) -> dict[str, float]:
   return {out: float(cost[k]) for k, out in names.items() if k in cost}
 
 
-def _analyse(compile_fn, hbm_bytes: int | None) -> tuple[Any, dict[str, Any]]:
-  """Runs `compile_fn`; returns (compiled or None, {"memory", "cost"}).
+def _analyse(compile_fn, hbm_bytes: int | None) -> dict[str, Any]:
+  """Runs `compile_fn`; returns {"memory", "cost"} of the compiled program.
 
   The TPU compiler refuses a program that cannot fit in HBM (RESOURCE_EXHAUSTED); that is an
   answer, not a crash: it is reported as not fitting, with XLA's message (which says how much
@@ -229,8 +219,8 @@ def _analyse(compile_fn, hbm_bytes: int | None) -> tuple[Any, dict[str, Any]]:
     memory = {"fits": False, "error": str(e).splitlines()[0]}
     if hbm_bytes is not None:
       memory["hbm"] = hbm_bytes / GIB
-    return None, {"memory": memory, "cost": {}}
-  return compiled, {"memory": memory_report(compiled, hbm_bytes), "cost": cost_report(compiled)}
+    return {"memory": memory, "cost": {}}
+  return {"memory": memory_report(compiled, hbm_bytes), "cost": cost_report(compiled)}
 
 
 def compile_train_step(config: ml_collections.ConfigDict, models: sampling.Models,
@@ -363,21 +353,20 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
       text_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["text"])),
       vae_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["vae"])))
   hbm = topo.hbm_bytes_per_device
-  _, report["train_step"] = _analyse(functools.partial(
+  report["train_step"] = _analyse(functools.partial(
       compile_train_step, config, models, frozen, mesh, cached_latents=cached_latents), hbm)
   if sampler:
     batch = parallel.batch_size_divisor(mesh)
-    _, analysis = _analyse(
+    analysis = _analyse(
         functools.partial(compile_sampler, config, models, frozen, mesh, batch), hbm)
     report["sampler"] = dict(batch=batch, sampler=config.sample.sampler,
                              num_steps=config.sample.num_steps, **analysis)
   if rlhf is not None:
-    _, analysis = _analyse(
+    analysis = _analyse(
         functools.partial(compile_rlhf_update, config, rlhf, models, mesh), hbm)
     report["rlhf_update"] = dict(batch=config.batch_size, num_steps=rlhf.rollout.num_steps,
                                  trained_steps=rlhf_trained_steps(rlhf, models), **analysis)
   return report
-
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -97,6 +97,22 @@ def fresh_vae_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
       sample_size=config.resolution, scaling_factor=config.vae.scaling_factor)
 
 
+def make_unet_config(config: ml_collections.ConfigDict, vae_config: vae_lib.VAEConfig,
+                     cross_attention_dim: int) -> unet_lib.UNetConfig:
+  """The UNet an LDM config's `unet` section describes, on the VAE's latents."""
+  u = config.unet
+  down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
+  up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
+  return unet_lib.UNetConfig(
+      sample_size=config.resolution // vae_config.downsample_factor,
+      in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels,
+      block_out_channels=tuple(u.block_out_channels), down_block_types=down,
+      up_block_types=up, layers_per_block=u.layers_per_block,
+      cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
+      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
+      attention_chunk=u.attention_chunk)
+
+
 def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
   """The models and the frozen networks' params an LDM config describes.
 
@@ -121,22 +137,13 @@ def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
   if config.resolution % vae_config.downsample_factor:
     raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's "
                      f"downsampling factor {vae_config.downsample_factor}")
-  u = config.unet
-  down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
-  up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
-  unet_config = unet_lib.UNetConfig(
-      sample_size=config.resolution // vae_config.downsample_factor,
-      in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels,
-      block_out_channels=tuple(u.block_out_channels), down_block_types=down,
-      up_block_types=up, layers_per_block=u.layers_per_block,
-      cross_attention_dim=text.output_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
-      attention_chunk=u.attention_chunk)
+  unet_config = make_unet_config(config, vae_config, text.output_dim)
   models = sampling.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype),
       vae=vae_lib.AutoencoderKL(vae_config, dtype=dtype), text=text,
       scheduler=config.scheduler.to_dict(),
-      special_tokens=text_lib.special_tokens(_vocab_dir(reference)), text_mask=u.text_mask)
+      special_tokens=text_lib.special_tokens(_vocab_dir(reference)),
+      text_mask=config.unet.text_mask)
   return models, {"vae": vae_params, "text": text_params}, reference
 
 
