@@ -76,7 +76,14 @@ def get_config(arg=None):
   c.unet.prediction_type = "epsilon"  # what the UNet predicts: epsilon or v_prediction
   c.unet.text_mask = True  # cross-attention ignores padding tokens
   c.unet.remat = base  # rematerialise blocks in the backward pass (saves memory)
-  c.unet.attention_chunk = 0  # queries per attention chunk (0: all); bounds score memory
+  # How the UNet computes (same parameters, same maths; fundax.models.lowering): attention
+  # "flash" (cache-blocked, fastest on CPU) or "xla" (TPU/GPU); convolutions "native" or
+  # "matmul" (row-tap products); dense/conv operands "" (compute dtype) or "bfloat16"
+  # (float32 accumulation: CPUs with AMX / AVX512-BF16). bench/README.md has the measurements.
+  c.unet.attention_impl = pick("flash", "flash", "xla")
+  c.unet.conv_impl = "native"
+  c.unet.matmul_dtype = ""
+  c.unet.attention_chunk = 0  # "xla": queries per chunk (0: all); bounds score memory
   # Compute dtype of the UNet, VAE and text encoder (bfloat16 = mixed; params stay float32).
   c.dtype = "bfloat16" if base else "float32"
 

@@ -77,6 +77,9 @@ def get_config(arg=None):
   # Self-attention at 64x64 latents in chunks of 1024 queries: the 4096x4096 scores of 16
   # images would take 4 GiB per layer (fundax aot: 27 GiB of temporaries on v5e without it).
   c.unet.attention_chunk = 1024
+  c.unet.attention_impl = "xla"  # XLA's attention (chunked above); "flash" is for CPUs
+  c.unet.conv_impl = "native"  # XLA's convolutions
+  c.unet.matmul_dtype = ""  # operands in the compute dtype (bfloat16 below)
   c.dtype = "bfloat16"  # compute dtype of the UNet, VAE and text encoder; float32 to disable
 
   c.scheduler = ml_collections.ConfigDict()  # SD 1.5's scheduler_config.json

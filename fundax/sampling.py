@@ -40,6 +40,7 @@ from fundax import checkpoint
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.diffusion import samplers
 from fundax.diffusion import schedules
+from fundax.models import lowering as lowering_lib
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -211,21 +212,30 @@ def models_to_config(models: Models) -> dict[str, Any]:
   }
 
 
-def models_from_config(config: dict[str, Any], *, dtype=jnp.float32) -> Models:
+def models_from_config(config: dict[str, Any], *, dtype=jnp.float32,
+                       lowering: dict[str, Any] | None = None) -> Models:
   """Rebuilds `Models` from `models_to_config` output (after a JSON round trip too).
+
+  A checkpoint does not store how its UNet is computed (a model trained on one kind of
+  hardware is sampled on another): `lowering` sets it.
 
   Args:
     config: the stored description.
     dtype: compute dtype of the UNet, VAE and text encoder (params stay float32).
+    lowering: UNetConfig lowering fields (attention_impl, conv_impl, matmul_dtype, ...);
+      None: `lowering.default_for_backend()` (the cache-blocked attention on CPU).
 
   Returns:
     The Models.
   """
   unet_config = dict(config["unet"])
   prediction_type = unet_config.pop("prediction_type", "epsilon")
+  if lowering is None:
+    lowering = lowering_lib.default_for_backend()
   return Models(
       unet=unet_lib.UNet2DConditionModel(
-          unet_lib.UNetConfig.from_diffusers(unet_config, prediction_type=prediction_type),
+          unet_lib.UNetConfig.from_diffusers(unet_config, prediction_type=prediction_type,
+                                             **lowering),
           dtype=dtype),
       vae=vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_diffusers(config["vae"]), dtype=dtype),
       text=text_lib.make_text_encoder(config["text"], dtype=dtype),
@@ -284,7 +294,7 @@ def restore_arrays(path: str, step: int | None = None) -> dict[str, Any]:
 
 
 def load_pipeline(checkpoint_dir: str, *, step: int | None = None, use_ema: bool = True,
-                  dtype=jnp.float32) -> Pipeline:
+                  dtype=jnp.float32, lowering: dict[str, Any] | None = None) -> Pipeline:
   """Rebuilds a sampling pipeline from an LDM-trainer checkpoint directory alone.
 
   Args:
@@ -292,13 +302,14 @@ def load_pipeline(checkpoint_dir: str, *, step: int | None = None, use_ema: bool
     step: which checkpoint; None for the latest.
     use_ema: sample with the EMA UNet params (when the checkpoint has them).
     dtype: compute dtype of the rebuilt modules.
+    lowering: how the UNet is computed (see `models_from_config`).
 
   Returns:
     The `Pipeline`.
   """
   directory = _checkpoints_dir(checkpoint_dir)
   config = checkpoint.load_config(directory if step is None else directory / str(step))
-  models = models_from_config(config["models"], dtype=dtype)
+  models = models_from_config(config["models"], dtype=dtype, lowering=lowering)
   tokenizer = tokenizer_lib.make_tokenizer_from_reference(config["tokenizer"])
   restored = restore_arrays(directory, step)
   state, frozen = restored["state"], restored["frozen"]

@@ -88,12 +88,18 @@ def test_no_guidance_equals_guidance_one(tiny):
 def test_models_config_round_trip(tiny):
   models = tiny[0]
   config = json.loads(json.dumps(sampling.models_to_config(models)))
-  rebuilt = sampling.models_from_config(config)
+  rebuilt = sampling.models_from_config(config, lowering={})  # XLA's own ops, as `models`
   assert sampling.models_to_config(rebuilt) == config
   assert rebuilt.unet == models.unet and rebuilt.vae == models.vae
   assert rebuilt.text == models.text and rebuilt.text_mask == models.text_mask
   np.testing.assert_array_equal(np.asarray(rebuilt.schedule.alphas_cumprod),
                                 np.asarray(models.schedule.alphas_cumprod))
+  # The lowering is not part of the checkpoint: the loading backend picks it (the blocked
+  # attention on CPU), or the caller does.
+  assert jax.default_backend() == "cpu"
+  assert sampling.models_from_config(config).unet.config.attention_impl == "flash"
+  chosen = sampling.models_from_config(config, lowering={"conv_impl": "matmul"}).unet.config
+  assert (chosen.conv_impl, chosen.attention_impl) == ("matmul", "xla")
 
 
 def _sample_loop_kwargs(models, params, monkeypatch):

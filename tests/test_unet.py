@@ -221,13 +221,60 @@ def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported):
 
 
 def test_chunked_attention_masks_keys_and_rejects_bad_chunks():
-  from fundax.models import layers  # pylint: disable=g-import-not-at-top
+  from fundax.models import attention  # pylint: disable=g-import-not-at-top
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 2, 4)) for i in range(3))
   mask = (jnp.arange(12)[None, :] < jnp.array([[5], [12]]))[:, None, None, :]
-  np.testing.assert_allclose(layers.attention(q, k, v, mask, query_chunk=4),
+  np.testing.assert_allclose(attention.dot_product_attention(q, k, v, mask, query_chunk=4),
                              jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="must divide"):
-    layers.attention(q, k, v, query_chunk=5)
+    attention.dot_product_attention(q, k, v, query_chunk=5)
+
+
+LOWERINGS = {  # UNetConfig fields -> forward tolerance against diffusers (float32 reference)
+    "flash": (dict(attention_impl="flash"), TOL),
+    "matmul_convs": (dict(conv_impl="matmul"), TOL),
+    "cpu_fast": (dict(attention_impl="flash", conv_impl="matmul"), TOL),
+    # bfloat16 operands keep ~3 significant digits per product.
+    "bf16_matmuls": (dict(attention_impl="flash", conv_impl="matmul",
+                          matmul_dtype="bfloat16"), 3e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERINGS))
+def test_lowerings_match_diffusers_and_the_plain_gradients(sd1, sd1_imported, name):
+  """Each lowering computes diffusers' UNet (same weights) and the same gradients."""
+  torch_model, _ = sd1
+  config, params = sd1_imported
+  fields, tol = LOWERINGS[name]
+  lowered = dataclasses.replace(config, **fields)
+  (x, t, ctx), (jx, jt, jctx) = inputs(8)
+  mask = np.array([[1] * 8, [1] * 5 + [0] * 3], bool)
+  with torch.no_grad():
+    ref = torch_model(x, t, ctx, encoder_attention_mask=torch.tensor(mask)).sample
+  out = apply_fn(lowered)(params, jx, jt, jctx, jnp.asarray(mask))
+  err = rel_err(out, ref.numpy().transpose(0, 2, 3, 1))
+  print(f"UNet lowering {name}: rel err {err:.2e} against diffusers")
+  assert err <= tol
+
+  def grads(cfg):
+    model = unet.UNet2DConditionModel(cfg)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, jx, jt, jctx, jnp.asarray(mask)) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  lowered_grads, plain_grads = grads(lowered), grads(config)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads))
+  worst = max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(lowered_grads), jax.tree.leaves(plain_grads)))
+  assert worst <= (1e-4 if tol == TOL else 5e-2) * scale
+
+
+def test_unknown_lowering_fails_when_configured():
+  with pytest.raises(ValueError, match="attention_impl"):
+    unet.UNetConfig(**SD1, attention_impl="fast")
+  with pytest.raises(ValueError, match="conv_impl"):
+    unet.UNetConfig(**SD1, conv_impl="im2col")
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    unet.UNetConfig(**SD1, matmul_dtype="float16")
 
 
 @pytest.mark.parametrize("config", [SD15_FULL, SD21_FULL], ids=["sd15", "sd21"])

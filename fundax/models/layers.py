@@ -9,7 +9,8 @@ group-normed residual spatial attention of the VAE), the GEGLU `FeedForward`,
 
 Everything is NHWC. Submodule names follow diffusers' attribute names, with list entries
 written `name_<index>` (e.g. `to_out_0`, `resnets_1`), so `a.b.0.c` in a PyTorch state dict is
-`a/b_0/c` here. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+`a/b_0/c` here. `dtype` is the compute dtype, `param_dtype` the storage dtype, and
+`lowering` (fundax.models.lowering) how convolutions, dense layers and attention are computed.
 """
 
 from __future__ import annotations
@@ -22,12 +23,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fundax.models import attention as attention_lib
+from fundax.models import lowering as lowering_lib
+
 Dtype = Any
+Lowering = lowering_lib.Lowering
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, torch's default, as x * (1 + erf(x / sqrt 2)) / 2.
+
+  The same function as `nn.gelu(x, approximate=False)`, which XLA lowers through erfc at
+  about 1.5x the cost on CPU (measured on a [8, 1024, 1024] tensor).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
     "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "relu": nn.relu,
     "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
 }
@@ -60,65 +75,8 @@ def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype,
                       use_fast_variance=False, name=name)
 
 
-# How convolutions are computed (same parameters, same results to float rounding):
-#   "native"  lax.conv_general_dilated, the default: the fast path on TPU and GPU;
-#   "matmul"  im2col: the kernel's shifted input windows are concatenated on the channel axis
-#             and multiplied by the reshaped kernel in one dot (a 1x1 conv is just the dot).
-#             XLA:CPU runs its dots about twice as fast as its convolutions.
-CONV_IMPLS = ("native", "matmul")
-
-
-def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *,
-                   lhs_dilation=None, rhs_dilation=None, feature_group_count: int = 1,
-                   precision=None, **unused) -> jax.Array:
-  """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, as one matrix product.
-
-  A drop-in `conv_general_dilated` for `nn.Conv` (which passes NHWC/HWIO dimension numbers).
-
-  Args:
-    lhs: input [B, H, W, Cin].
-    rhs: kernel [kh, kw, Cin, Cout].
-    window_strides: (sh, sw).
-    padding: ((top, bottom), (left, right)) or "VALID".
-    lhs_dilation, rhs_dilation, feature_group_count: must be trivial (none are used here).
-    precision: passed to the dot.
-
-  Returns:
-    [B, H', W', Cout].
-  """
-  del unused  # dimension_numbers: nn.Conv always uses NHWC / HWIO
-  dilated = [d for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()) if d != 1]
-  if dilated or feature_group_count != 1:
-    raise ValueError("conv_impl='matmul' computes plain convolutions only (no dilation, no "
-                     "feature groups)")
-  if isinstance(padding, str):
-    if padding != "VALID":
-      raise ValueError(f"conv_impl='matmul' needs explicit padding, got {padding!r}")
-    padding = ((0, 0), (0, 0))
-  kh, kw, cin, cout = rhs.shape
-  sh, sw = window_strides
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  # Window (i, j) of every output pixel; concatenated in HWI order to match rhs.reshape.
-  windows = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-             for i in range(kh) for j in range(kw)]
-  cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-  return jnp.dot(cols, rhs.reshape(kh * kw * cin, cout), precision=precision)
-
-
-def conv2d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str,
-           stride: int = 1, padding: Any = None, impl: str = "native") -> nn.Conv:
-  """A square conv with torch's symmetric "same" padding unless `padding` is given.
-
-  `impl` picks how it is computed (see CONV_IMPLS); the parameters are the same either way.
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"unknown conv_impl {impl!r}; known: {CONV_IMPLS}")
-  if padding is None:
-    padding = (((kernel - 1) // 2,) * 2,) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=param_dtype, name=name,
-                 conv_general_dilated=conv_as_matmul if impl == "matmul" else None)
+# A square conv with torch's symmetric "same" padding, computed as its `lowering` says.
+conv2d = lowering_lib.conv2d
 
 
 class ResnetBlock2D(nn.Module):
@@ -137,7 +95,7 @@ class ResnetBlock2D(nn.Module):
   eps: float = 1e-6
   act_fn: str = "silu"
   output_scale_factor: float = 1.0
-  conv_impl: str = "native"  # see CONV_IMPLS
+  lowering: Lowering = Lowering()  # how convolutions and dense layers are computed
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -147,11 +105,12 @@ class ResnetBlock2D(nn.Module):
     act = get_activation(self.act_fn)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = act(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
-    conv_kw = dict(impl=self.conv_impl, **kw)
+    conv_kw = dict(lowering=self.lowering, **kw)
     h = conv2d(self.out_channels, 3, name="conv1", **conv_kw)(h)
     if temb is not None:
       # diffusers' time_embedding_norm="default": add the projected embedding before norm2.
-      h = h + nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))[:, None, None]
+      proj = lowering_lib.dense(self.out_channels, name="time_emb_proj", **conv_kw)
+      h = h + proj(act(temb))[:, None, None]
     h = group_norm(self.groups, self.eps, name="norm2", **kw)(h)
     h = conv2d(self.out_channels, 3, name="conv2", **conv_kw)(act(h))
     if x.shape[-1] != self.out_channels:
@@ -163,7 +122,7 @@ class Downsample2D(nn.Module):
   """Stride-2 3x3 conv. `padding=0` reproduces diffusers' (0, 1, 0, 1) pad (the VAE's)."""
   out_channels: int
   padding: int = 1
-  conv_impl: str = "native"  # see CONV_IMPLS
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -173,7 +132,7 @@ class Downsample2D(nn.Module):
     # diffusers pads right/bottom by one when padding == 0 (F.pad (0, 1, 0, 1) on NCHW).
     pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding,) * 2,) * 2
     return conv2d(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2,
-                  padding=pad, impl=self.conv_impl)(x)
+                  padding=pad, lowering=self.lowering)(x)
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -201,7 +160,7 @@ class Upsample2D(nn.Module):
   """Nearest-neighbour upsampling (2x or to `output_size`) followed by a 3x3 conv."""
   out_channels: int
   output_size: tuple[int, int] | None = None
-  conv_impl: str = "native"  # see CONV_IMPLS
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -210,39 +169,7 @@ class Upsample2D(nn.Module):
     """Args: x [B, H, W, C]. Returns [B, 2H, 2W, out_channels] (or `output_size`)."""
     x = upsample_nearest(x, self.output_size)
     return conv2d(self.out_channels, 3, self.dtype, self.param_dtype, "conv",
-                  impl=self.conv_impl)(x)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-              query_chunk: int = 0) -> jax.Array:
-  """Scaled dot-product attention, optionally over chunks of queries to bound memory.
-
-  A [B, heads, T, S] score matrix is what makes high-resolution self-attention expensive: at
-  Stable Diffusion's 64x64 latents (T = S = 4096), 16 images and 8 heads it is 4 GiB in
-  bfloat16 per layer, live again in the backward pass. With `query_chunk` > 0 (dividing T), the
-  queries are processed `query_chunk` at a time in a `lax.map` whose body is rematerialised, so
-  one chunk's scores exist at a time, forward and backward (Rabe & Staats, 2021); the result is
-  the same up to float rounding.
-
-  Args:
-    q: [B, T, heads, dim] queries; k, v: [B, S, heads, dim].
-    mask: None or bool broadcastable to [B, heads, T, S].
-    query_chunk: queries per chunk; 0 (or >= T) attends in one piece.
-
-  Returns:
-    [B, T, heads, dim].
-  """
-  t = q.shape[1]
-  if not query_chunk or query_chunk >= t:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-  if t % query_chunk:
-    raise ValueError(f"attention query_chunk {query_chunk} must divide the {t} queries")
-  if mask is not None and mask.shape[-2] != 1:
-    raise ValueError("query-chunked attention takes key masks only ([B, 1, 1, S])")
-  chunks = q.reshape(q.shape[0], t // query_chunk, query_chunk, *q.shape[2:]).swapaxes(0, 1)
-  attend = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, mask=mask))
-  out = jax.lax.map(attend, chunks)  # [T / chunk, B, chunk, heads, dim]
-  return out.swapaxes(0, 1).reshape(q.shape[:2] + out.shape[3:])
+                  lowering=self.lowering)(x)
 
 
 class Attention(nn.Module):
@@ -259,7 +186,7 @@ class Attention(nn.Module):
     eps: that GroupNorm's epsilon.
     residual_connection: add the input to the output.
     rescale_output_factor: divide the output by this.
-    query_chunk: see `attention` (0: all queries at once).
+    lowering: how the projections and the attention itself are computed.
   """
   heads: int
   dim_head: int
@@ -268,7 +195,7 @@ class Attention(nn.Module):
   eps: float = 1e-5
   residual_connection: bool = False
   rescale_output_factor: float = 1.0
-  query_chunk: int = 0
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -294,14 +221,17 @@ class Attention(nn.Module):
     context = h if context is None else context
     inner = self.heads * self.dim_head
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
-    q = split(nn.Dense(inner, use_bias=self.bias, name="to_q", **kw)(h))
-    k = split(nn.Dense(inner, use_bias=self.bias, name="to_k", **kw)(context))
-    v = split(nn.Dense(inner, use_bias=self.bias, name="to_v", **kw)(context))
+    dense = lambda n, name, bias=True: lowering_lib.dense(n, name=name, lowering=self.lowering,
+                                                          use_bias=bias, **kw)
+    q = split(dense(inner, "to_q", self.bias)(h))
+    k = split(dense(inner, "to_k", self.bias)(context))
+    v = split(dense(inner, "to_v", self.bias)(context))
     if mask is not None:
       mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
-    o = attention(q, k, v, mask, query_chunk=self.query_chunk)  # [B, T, heads, dim_head]
+    o = attention_lib.dot_product_attention(  # [B, T, heads, dim_head]
+        q, k, v, mask, impl=self.lowering.attention, query_chunk=self.lowering.attention_chunk)
     o = o.reshape(o.shape[0], o.shape[1], inner)
-    o = nn.Dense(shape[-1], name="to_out_0", **kw)(o).reshape(shape)
+    o = dense(shape[-1], "to_out_0")(o).reshape(shape)
     if self.residual_connection:
       o = o + residual
     return o / self.rescale_output_factor
@@ -310,36 +240,39 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
   """diffusers' GEGLU: one projection to 2 x `inner`, the second half gates the first."""
   inner: int
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x [B, T, C]. Returns [B, T, inner]."""
-    h = nn.Dense(2 * self.inner, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+    h = lowering_lib.dense(2 * self.inner, self.dtype, self.param_dtype, "proj",
+                           self.lowering)(x)
     hidden, gate = jnp.split(h, 2, axis=-1)
-    return hidden * nn.gelu(gate, approximate=False)
+    return hidden * gelu(gate)
 
 
 class FeedForward(nn.Module):
   """diffusers' FeedForward with GEGLU: `net_0` (GEGLU), dropout (net.1, none here), `net_2`."""
   mult: int = 4
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x [B, T, C]. Returns [B, T, C]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lowering=self.lowering)
     h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
-    return nn.Dense(x.shape[-1], name="net_2", **kw)(h)
+    return lowering_lib.dense(x.shape[-1], name="net_2", **kw)(h)
 
 
 class BasicTransformerBlock(nn.Module):
   """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
   heads: int
   dim_head: int
-  query_chunk: int = 0  # see `attention`
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -349,11 +282,11 @@ class BasicTransformerBlock(nn.Module):
     """Args: x [B, T, C]; context [B, S, D]; context_mask [B, S] or None. Returns [B, T, C]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
-    attn = lambda name: Attention(self.heads, self.dim_head, name=name,
-                                  query_chunk=self.query_chunk, **kw)
+    attn = lambda name: Attention(self.heads, self.dim_head, name=name, lowering=self.lowering,
+                                  **kw)
     x = attn("attn1")(ln("norm1")(x)) + x
     x = attn("attn2")(ln("norm2")(x), context, context_mask) + x
-    return FeedForward(name="ff", **kw)(ln("norm3")(x)) + x
+    return FeedForward(name="ff", lowering=self.lowering, **kw)(ln("norm3")(x)) + x
 
 
 class Transformer2DModel(nn.Module):
@@ -370,8 +303,7 @@ class Transformer2DModel(nn.Module):
   num_layers: int = 1
   norm_num_groups: int = 32
   use_linear_projection: bool = False
-  conv_impl: str = "native"  # see CONV_IMPLS (the 1x1 proj_in / proj_out)
-  query_chunk: int = 0  # see `attention`
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -383,18 +315,19 @@ class Transformer2DModel(nn.Module):
     b, hgt, wid, c = x.shape
     inner = self.heads * self.dim_head
     h = group_norm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+    kw["lowering"] = self.lowering
     if self.use_linear_projection:
-      h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+      h = lowering_lib.dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
     else:
-      h = conv2d(inner, 1, name="proj_in", impl=self.conv_impl, **kw)(h)
+      h = conv2d(inner, 1, name="proj_in", **kw)(h)
       h = h.reshape(b, hgt * wid, inner)
     for i in range(self.num_layers):
-      h = BasicTransformerBlock(self.heads, self.dim_head, self.query_chunk,
-                                name=f"transformer_blocks_{i}", **kw)(h, context, context_mask)
+      h = BasicTransformerBlock(self.heads, self.dim_head, name=f"transformer_blocks_{i}",
+                                **kw)(h, context, context_mask)
     if self.use_linear_projection:
-      h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
+      h = lowering_lib.dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
     else:
-      h = conv2d(c, 1, name="proj_out", impl=self.conv_impl, **kw)(h.reshape(b, hgt, wid, inner))
+      h = conv2d(c, 1, name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
     return h + x
 
 
@@ -427,12 +360,14 @@ class TimestepEmbedding(nn.Module):
   """diffusers' TimestepEmbedding: linear_1, activation, linear_2."""
   time_embed_dim: int
   act_fn: str = "silu"
+  lowering: Lowering = Lowering()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x [B, Din]. Returns [B, time_embed_dim]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Dense(self.time_embed_dim, name="linear_1", **kw)(x)
-    return nn.Dense(self.time_embed_dim, name="linear_2", **kw)(get_activation(self.act_fn)(x))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lowering=self.lowering)
+    x = lowering_lib.dense(self.time_embed_dim, name="linear_1", **kw)(x)
+    return lowering_lib.dense(self.time_embed_dim, name="linear_2", **kw)(
+        get_activation(self.act_fn)(x))

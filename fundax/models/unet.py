@@ -1,7 +1,7 @@
 """The text-conditioned denoising UNet, compatible with diffusers' UNet2DConditionModel.
 
 This module owns `UNetConfig` (diffusers' UNet2DConditionModel config.json fields that fundax
-implements, plus fundax's own `prediction_type` and `remat`) and the Flax
+implements, plus fundax's own `prediction_type`, `remat` and the lowering fields) and the Flax
 `UNet2DConditionModel`. It covers Stable Diffusion 1.x (1x1-conv proj_in/out, one head count)
 and 2.x (linear projections, per-block head counts). Inputs and outputs are NHWC.
 
@@ -27,7 +27,8 @@ from fundax.models.layers import Dtype
 log = logging.getLogger(__name__)
 
 # UNetConfig fields of fundax's own, not in a diffusers config.json.
-_FUNDAX_FIELDS = ("prediction_type", "remat", "conv_impl", "attention_chunk")
+_FUNDAX_FIELDS = ("prediction_type", "remat", "conv_impl", "attention_impl", "attention_chunk",
+                  "matmul_dtype")
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -48,7 +49,7 @@ _UNSUPPORTED_DEFAULTS = {
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """UNet2DConditionModel config: diffusers' names and defaults, plus three fundax fields."""
+  """UNet2DConditionModel config: diffusers' names and defaults, plus fundax's own fields."""
   sample_size: int | None = None  # latent side the model was trained at
   in_channels: int = 4
   out_channels: int = 4
@@ -81,13 +82,18 @@ class UNetConfig:
   prediction_type: str = "epsilon"
   # fundax only: rematerialise each down/mid/up block in the backward pass.
   remat: bool = False
-  # fundax only: how convolutions are computed, "native" or "matmul" (im2col, faster on
-  # XLA:CPU); see fundax.models.layers.CONV_IMPLS. Parameters are the same either way.
+  # fundax only, how the same maths is computed (fundax.models.lowering; parameters are the
+  # same either way): convolutions "native" or "matmul" (row-tap products, for XLA:CPU) ...
   conv_impl: str = "native"
-  # fundax only: self- and cross-attention over chunks of this many queries (0: all at once),
-  # bounding the score matrix's memory at high resolution; see fundax.models.layers.attention.
-  # Chunks larger than a block's token count attend in one piece.
+  # ... attention "xla" or "flash" (cache-blocked, for XLA:CPU; fundax.models.attention) ...
+  attention_impl: str = "xla"
+  # ... with "xla", attention over chunks of this many queries (0: all at once), bounding
+  # the score matrix's memory at high resolution; chunks larger than a block's token count
+  # attend in one piece ...
   attention_chunk: int = 0
+  # ... and dense / convolution operands: "" (the compute dtype) or "bfloat16" (float32
+  # accumulation and output; for CPUs with bfloat16 matrix units).
+  matmul_dtype: str = ""
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -112,13 +118,18 @@ class UNetConfig:
       if not isinstance(value, int) and len(value) != n:
         raise ValueError(f"{name} needs one entry per block ({n}), got {value}")
     layers.get_activation(self.act_fn)
-    if self.conv_impl not in layers.CONV_IMPLS:
-      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; known: {layers.CONV_IMPLS}")
+    _ = self.lowering  # raises ValueError on an unknown lowering choice
 
   def per_block(self, name: str) -> tuple[int, ...]:
     """Returns the int-or-tuple field `name` as one value per down block."""
     value = getattr(self, name)
     return (value,) * len(self.block_out_channels) if isinstance(value, int) else tuple(value)
+
+  @property
+  def lowering(self) -> layers.Lowering:
+    """How the UNet's contractions are computed (raises ValueError on unknown choices)."""
+    return layers.Lowering(conv=self.conv_impl, attention=self.attention_impl,
+                           attention_chunk=self.attention_chunk, matmul_dtype=self.matmul_dtype)
 
   @property
   def time_embed_dim(self) -> int:
@@ -187,14 +198,14 @@ class UNet2DConditionModel(nn.Module):
     """
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    lowering = cfg.lowering
     act = layers.get_activation(cfg.act_fn)
     channels = cfg.block_out_channels
     heads = cfg.per_block("attention_head_dim")
     depth = cfg.per_block("layers_per_block")
     tdepth = cfg.per_block("transformer_layers_per_block")
     block_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
-                    use_linear_projection=cfg.use_linear_projection,
-                    conv_impl=cfg.conv_impl, attention_chunk=cfg.attention_chunk, **kw)
+                    use_linear_projection=cfg.use_linear_projection, lowering=lowering, **kw)
     wrap = nn.remat if cfg.remat else (lambda cls: cls)
     context, mask = encoder_hidden_states, encoder_attention_mask
 
@@ -203,10 +214,10 @@ class UNet2DConditionModel(nn.Module):
       sample = 2 * sample - 1.0
     t_emb = layers.timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos,
                                       cfg.freq_shift).astype(self.dtype)
-    emb = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding",
-                                   **kw)(t_emb)  # [B, T]
+    emb = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, lowering,
+                                   name="time_embedding", **kw)(t_emb)  # [B, T]
 
-    x = layers.conv2d(channels[0], cfg.conv_in_kernel, name="conv_in", impl=cfg.conv_impl,
+    x = layers.conv2d(channels[0], cfg.conv_in_kernel, name="conv_in", lowering=lowering,
                       **kw)(sample)
     skips = (x,)
     for i, block_type in enumerate(cfg.down_block_types):
@@ -238,7 +249,7 @@ class UNet2DConditionModel(nn.Module):
 
     x = act(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
     return layers.conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out",
-                         impl=cfg.conv_impl, **kw)(x)
+                         lowering=lowering, **kw)(x)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

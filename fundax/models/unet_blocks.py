@@ -28,15 +28,14 @@ class _BlockOptions(nn.Module):
   num_attention_heads: int | None = None
   transformer_layers: int = 1
   use_linear_projection: bool = False
-  conv_impl: str = "native"  # see layers.CONV_IMPLS
-  attention_chunk: int = 0  # queries per attention chunk, see layers.attention
+  lowering: layers.Lowering = layers.Lowering()  # how contractions are computed
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def resnet(self, i: int, output_scale_factor: float = 1.0) -> layers.ResnetBlock2D:
     return layers.ResnetBlock2D(self.out_channels, self.groups, eps=self.eps, act_fn=self.act_fn,
                                 output_scale_factor=output_scale_factor,
-                                conv_impl=self.conv_impl, dtype=self.dtype,
+                                lowering=self.lowering, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name=f"resnets_{i}")
 
   def attention(self, i: int) -> layers.Transformer2DModel:
@@ -44,8 +43,7 @@ class _BlockOptions(nn.Module):
     # diffusers: head width = block channels // heads.
     return layers.Transformer2DModel(heads, self.out_channels // heads, self.transformer_layers,
                                      self.groups, self.use_linear_projection,
-                                     conv_impl=self.conv_impl,
-                                     query_chunk=self.attention_chunk, dtype=self.dtype,
+                                     lowering=self.lowering, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 
@@ -78,7 +76,7 @@ class DownBlock2D(_BlockOptions):
       skips += (x,)
     if self.add_downsample:
       x = layers.Downsample2D(self.out_channels, self.downsample_padding,
-                              conv_impl=self.conv_impl, dtype=self.dtype,
+                              lowering=self.lowering, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="downsamplers_0")(x)
       skips += (x,)
     return x, skips
@@ -129,6 +127,6 @@ class UpBlock2D(_BlockOptions):
         x = self.attention(i)(x, context, context_mask)
     if self.upsample_size is not None:
       x = layers.Upsample2D(self.out_channels, tuple(self.upsample_size),
-                            conv_impl=self.conv_impl, dtype=self.dtype,
+                            lowering=self.lowering, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="upsamplers_0")(x)
     return x

@@ -110,7 +110,8 @@ def make_unet_config(config: ml_collections.ConfigDict, vae_config: vae_lib.VAEC
       up_block_types=up, layers_per_block=u.layers_per_block,
       cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
       norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
-      attention_chunk=u.attention_chunk)
+      attention_chunk=u.attention_chunk, attention_impl=u.attention_impl,
+      conv_impl=u.conv_impl, matmul_dtype=u.matmul_dtype)
 
 
 def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
