@@ -56,6 +56,7 @@ def get_config(arg=None):
   c.stage1.timestep_fraction = 0.5 if small else 0.3  # fraction of steps trained per update
   c.stage1.clip_range = 1e-4  # PPO clip epsilon on the per-element importance ratio (as DDPO)
   c.stage1.kl_weight = 1.0  # weight of the exact per-step, per-element KL to the reference
+  c.stage1.micro_batches = 1  # parts per backward pass (same gradient, less memory)
   c.stage1.advantage_clip = 5.0  # advantages clipped to [-clip, clip]
   c.stage1.buffer_size = 32  # recent rewards kept per prompt
   c.stage1.min_count = 8  # per-prompt statistics from this many rewards (else batch stats)

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -204,13 +205,16 @@ def cost_report(compiled: Any) -> dict[str, float]:
   return {out: float(cost[k]) for k, out in names.items() if k in cost}
 
 
-def _analyse(compile_fn, hbm_bytes: int | None) -> dict[str, Any]:
-  """Runs `compile_fn`; returns {"memory", "cost"} of the compiled program.
+def _analyse(name: str, compile_fn, hbm_bytes: int | None) -> dict[str, Any]:
+  """Runs `compile_fn`; returns {"memory", "cost", "compile_s"} of the compiled program.
 
   The TPU compiler refuses a program that cannot fit in HBM (RESOURCE_EXHAUSTED); that is an
   answer, not a crash: it is reported as not fitting, with XLA's message (which says how much
-  the program needed).
+  the program needed). Compiling an SD-size program takes minutes on a CPU host, so each one
+  is logged as it starts and ends.
   """
+  logging.info("aot: compiling %s ...", name)
+  start = time.perf_counter()
   try:
     compiled = compile_fn()
   except jax.errors.JaxRuntimeError as e:
@@ -219,8 +223,13 @@ def _analyse(compile_fn, hbm_bytes: int | None) -> dict[str, Any]:
     memory = {"fits": False, "error": str(e).splitlines()[0]}
     if hbm_bytes is not None:
       memory["hbm"] = hbm_bytes / GIB
-    return {"memory": memory, "cost": {}}
-  return {"memory": memory_report(compiled, hbm_bytes), "cost": cost_report(compiled)}
+    result = {"memory": memory, "cost": {}}
+  else:
+    result = {"memory": memory_report(compiled, hbm_bytes), "cost": cost_report(compiled)}
+  result["compile_s"] = round(time.perf_counter() - start, 1)
+  logging.info("aot: %s done in %.0f s (fits: %s)", name, result["compile_s"],
+               result["memory"].get("fits"))
+  return result
 
 
 def compile_train_step(config: ml_collections.ConfigDict, models: sampling.Models,
@@ -353,19 +362,20 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
       text_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["text"])),
       vae_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["vae"])))
   hbm = topo.hbm_bytes_per_device
-  report["train_step"] = _analyse(functools.partial(
+  report["train_step"] = _analyse("train step", functools.partial(
       compile_train_step, config, models, frozen, mesh, cached_latents=cached_latents), hbm)
   if sampler:
     batch = parallel.batch_size_divisor(mesh)
     analysis = _analyse(
-        functools.partial(compile_sampler, config, models, frozen, mesh, batch), hbm)
+        "sampler", functools.partial(compile_sampler, config, models, frozen, mesh, batch), hbm)
     report["sampler"] = dict(batch=batch, sampler=config.sample.sampler,
                              num_steps=config.sample.num_steps, **analysis)
   if rlhf is not None:
     analysis = _analyse(
-        functools.partial(compile_rlhf_update, config, rlhf, models, mesh), hbm)
+        "RLHF update", functools.partial(compile_rlhf_update, config, rlhf, models, mesh), hbm)
     report["rlhf_update"] = dict(batch=config.batch_size, num_steps=rlhf.rollout.num_steps,
-                                 trained_steps=rlhf_trained_steps(rlhf, models), **analysis)
+                                 trained_steps=rlhf_trained_steps(rlhf, models),
+                                 micro_batches=int(rlhf.stage1.micro_batches), **analysis)
   return report
 
 
@@ -395,5 +405,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"{mem['arguments']:.2f}, outputs {mem['outputs']:.2f}, donated {mem['aliased']:.2f}, "
         f"temporaries {mem['temporaries']:.2f}); {cost.get('flops', 0) / 1e12:.2f} TFLOP, "
         f"{cost.get('bytes_accessed', 0) / GIB:.1f} GiB accessed, XLA's optimal "
-        f"{cost.get('optimal_seconds', float('nan')):.3f} s per device")
+        f"{cost.get('optimal_seconds', float('nan')):.3f} s per device; compiled in "
+        f"{report[name].get('compile_s', float('nan')):.0f} s")
   return "\n".join(lines)

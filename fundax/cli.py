@@ -147,6 +147,9 @@ def cmd_aot(args, overrides):
     with config.unlocked():
       config.batch_size = args.per_chip_batch * aot.get_topology(args.topology).chips
   rlhf = None if args.no_rlhf else configlib.load_config(args.rlhf_config)
+  if rlhf is not None and args.rlhf_micro_batches:
+    with rlhf.unlocked():
+      rlhf.stage1.micro_batches = args.rlhf_micro_batches
   report = aot.run(config, args.topology, cached_latents=args.cached_latents,
                    sampler=not args.no_sampler, rlhf=rlhf)
   print(aot.format_report(report))
@@ -351,6 +354,9 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--rlhf-config", default="configs/rlhf.py",
                  help="RLHF config whose DDPO update is compiled on batch_size rollouts")
   p.add_argument("--no-rlhf", action="store_true", help="do not compile the RLHF update")
+  p.add_argument("--rlhf-micro-batches", type=int, default=0,
+                 help="split the DDPO update's backward pass into this many parts (default: "
+                 "the RLHF config's stage1.micro_batches)")
   p.add_argument("--out", help="also write the report as JSON here")
   p.set_defaults(func=cmd_aot)
 

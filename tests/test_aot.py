@@ -19,7 +19,9 @@ TOPOLOGY = "v5e:2x2"
 @pytest.fixture(scope="module")
 def report():
   config = configlib.load_config("configs/ldm.py:tiny")
-  configlib.apply_overrides(config, ["text_encoder=random", "sample.num_steps=1"])
+  # XLA's attention, the TPU choice (the tiny config's "flash" is for CPUs).
+  configlib.apply_overrides(config, ["text_encoder=random", "sample.num_steps=1",
+                                     "unet.attention_impl=xla"])
   with config.unlocked():
     config.mesh = {"data": 1, "fsdp": -1}
   rlhf = configlib.load_config("configs/rlhf.py:test")
@@ -45,6 +47,7 @@ def test_train_step_state_is_sharded_and_fits(report):
   assert math.isclose(mem["peak"], mem["arguments"] + mem["outputs"] - mem["aliased"]
                       + mem["temporaries"] + mem["code"])
   assert report["train_step"]["cost"]["flops"] > 0
+  assert report["train_step"]["compile_s"] > 0
 
 
 def test_sampler_compiles(report):
@@ -73,7 +76,7 @@ def test_program_too_big_for_hbm_is_reported_not_raised():
   def too_big():
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
                                      "memory required (27.07G) exceeds available HBM (15.75G).")
-  analysis = aot._analyse(too_big, 16 * aot.GIB)  # pylint: disable=protected-access
+  analysis = aot._analyse("train step", too_big, 16 * aot.GIB)  # pylint: disable=protected-access
   assert analysis["memory"]["fits"] is False and analysis["cost"] == {}
   assert "27.07G" in analysis["memory"]["error"] and analysis["memory"]["hbm"] == 16
   assert "DOES NOT FIT" in aot.format_report(
@@ -86,4 +89,4 @@ def test_program_too_big_for_hbm_is_reported_not_raised():
   def other_error():
     raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
   with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
-    aot._analyse(other_error, None)  # pylint: disable=protected-access
+    aot._analyse("train step", other_error, None)  # pylint: disable=protected-access

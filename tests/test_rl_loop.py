@@ -112,6 +112,48 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   assert float(metrics["grad_norm"]) > 0
 
 
+def test_micro_batched_update_equals_the_whole_batch_update(loop):
+  """stage1.micro_batches only splits the backward pass: same update, same metrics."""
+  params = loop.pipeline.params
+  frozen = {"vae": params["vae"], "text": params["text"]}
+  c = loop.config.rollout
+  texts, key = loop.draw(0, 0, 0)
+  ro = loop.sample(params["unet"], frozen, texts, key)
+  b = ro.log_probs.shape[1]
+  batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
+           "prev_timesteps": ro.prev_timesteps, "advantages": jnp.linspace(-1.0, 1.0, b),
+           "cond": ro.cond, "uncond": ro.uncond, "guidance_scale": jnp.float32(c.guidance_scale),
+           "eta": jnp.float32(c.eta), "clip_range": jnp.float32(0.2)}
+  tx = optax.sgd(1.0)  # the new params are params - grads: compares the gradients themselves
+  state = jax.jit(lambda p: state_lib.create(p, tx))(params["unet"])
+  results = {}
+  for parts in (1, 2, 4):
+    stage1 = loop.config.stage1.copy_and_resolve_references()
+    with stage1.unlocked():
+      stage1.micro_batches = parts
+    update = jax.jit(functools.partial(
+        ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
+        stochastic=rollout_lib.stochastic_steps(loop.pipeline.models, c.num_steps)))
+    results[parts] = jax.device_get(update(state, batch, jax.random.key(0),
+                                           {"reference": params["unet"]}))
+  (whole, whole_metrics) = results[1]
+  for parts in (2, 4):
+    new_state, metrics = results[parts]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 new_state.params, whole.params)
+    for name in ("loss", "policy_loss", "kl_reference", "grad_norm"):
+      np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-4, atol=1e-7)
+  assert float(whole_metrics["grad_norm"]) > 0
+  bad = loop.config.stage1.copy_and_resolve_references()
+  with bad.unlocked():
+    bad.micro_batches = 3
+  with pytest.raises(ValueError, match="micro_batches"):
+    ddpo.ddpo_update_step(state, batch, jax.random.key(0), {"reference": params["unet"]},
+                          models=loop.pipeline.models, tx=tx, config=bad,
+                          stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
+                                                                  c.num_steps))
+
+
 def test_toy_reward_goes_up(loop):
   """DDPO updates rewarded by mean brightness: the batch's prompts, sampled again with the
   same noise after each update, come out brighter within three updates."""

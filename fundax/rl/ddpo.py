@@ -7,10 +7,11 @@ latents[i], with the exact Gaussian log-prob of `fundax.diffusion.steps`. One up
   1. draws, per trajectory, a random subset of its stochastic steps (`fold_in(rng, step)`, so a
      resumed run draws the same ones);
   2. `lax.scan`s over that subset: at scan index s every trajectory scores its own s-th chosen
-     step with the current params (one UNet forward and backward on the batch at a time),
-     forms the importance ratio exp(log p_theta - log p_old), the PPO-clipped surrogate and the
-     KL to the reference model, and adds the gradient to the scan's running sum;
-  3. applies one optimizer update with the mean gradient.
+     step with the current params, forms the importance ratio exp(log p_theta - log p_old),
+     the PPO-clipped surrogate and the KL to the reference model, and adds the gradient to the
+     scan's running sum. The batch goes through in `micro_batches` equal parts (an inner
+     scan), so memory holds one UNet backward on B / micro_batches trajectories at a time;
+  3. applies one optimizer update with the mean gradient (the same for any micro_batches).
 
 The KL of one step is exact: both policies' steps are Gaussians with the same std (it depends on
 the schedule only), so KL = |mean_theta - mean_ref|^2 / (2 std^2). Log-ratios and the KL are per
@@ -25,6 +26,8 @@ Step config fields (`config.stage1` of configs/rlhf.py; read at trace time, stat
   timestep_fraction  fraction of the stochastic steps trained on per update (at least one).
   clip_range         PPO clip epsilon (passed to the step as a traced batch scalar).
   kl_weight          weight of the KL penalty to the reference model; 0 skips its forward pass.
+  micro_batches      parts the batch is split into per backward pass (>= 1, dividing the
+                     per-device batch); the gradient is the same, peak memory smaller.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def choose_steps(rng, stochastic, batch: int, count: int):
   return jax.vmap(lambda k: jax.random.permutation(k, stochastic)[:count])(keys)
 
 
+def micro_batch(tree: Any, part, parts: int, axis: int = 0) -> Any:
+  """Trajectories part, part + parts, part + 2 parts, ... of a batch (every leaf's `axis`).
+
+  Interleaved, not contiguous: with the batch axis sharded over devices in contiguous blocks,
+  every part keeps an equal share on every device, so no part moves between devices.
+  """
+  def take(x):
+    shape = x.shape[:axis] + (x.shape[axis] // parts, parts) + x.shape[axis + 1:]
+    return jax.lax.dynamic_index_in_dim(x.reshape(shape), part, axis + 1, keepdims=False)
+  return jax.tree.map(take, tree)
+
+
 def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.Array,
                      frozen: dict[str, Any], *, models: sampling.Models,
                      tx: optax.GradientTransformation, config: Any, stochastic):
@@ -106,22 +121,34 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
   rng = jax.random.fold_in(rng, state.step)
   latents, old_log_probs = batch["latents"], batch["log_probs"]
   b = old_log_probs.shape[1]
+  parts = int(config.micro_batches)
+  if parts < 1 or b % parts:
+    raise ValueError(f"stage1.micro_batches must be >= 1 and divide the batch of {b}, got "
+                     f"{parts}")
   count = num_train_steps(len(stochastic), float(config.timestep_fraction))
   chosen = choose_steps(rng, jnp.asarray(stochastic), b, count)  # [B, S]
   clip_range = batch["clip_range"]
   kl_weight = float(config.kl_weight)
   per_example = jax.vmap(lambda traj, i: traj[i], in_axes=(1, 0))  # [T, B, ...], [B] -> [B, ...]
   elements = math.prod(latents.shape[2:])  # latent elements per example
+  # Per-trajectory inputs, split into micro-batches inside the scans.
+  trajectories = {"latents": latents, "log_probs": old_log_probs}
+  examples = {"advantages": batch["advantages"], "cond": batch["cond"],
+              "uncond": batch["uncond"]}
 
-  def body(carry, idx):
+  def micro_step(carry, part, idx):
+    """Adds the gradient of micro-batch `part` at chosen steps idx [B] to the carry."""
     grads_sum, metrics_sum = carry
-    x_t = per_example(latents, idx)
-    x_prev = per_example(latents, idx + 1)
-    old = per_example(old_log_probs, idx)
+    traj = micro_batch(trajectories, part, parts, axis=1)
+    ex = micro_batch(examples, part, parts)
+    idx = micro_batch(idx, part, parts)
+    x_t = per_example(traj["latents"], idx)
+    x_prev = per_example(traj["latents"], idx + 1)
+    old = per_example(traj["log_probs"], idx)
     t = batch["timesteps"][idx]
     t_prev = batch["prev_timesteps"][idx]
-    moments = lambda p: rollout_lib.step_moments(models, p, x_t, t, t_prev, batch["cond"],
-                                                 batch["uncond"], batch["guidance_scale"],
+    moments = lambda p: rollout_lib.step_moments(models, p, x_t, t, t_prev, ex["cond"],
+                                                 ex["uncond"], batch["guidance_scale"],
                                                  batch["eta"])
     if kl_weight > 0:
       ref_mean, _ = moments(frozen["reference"])
@@ -132,7 +159,7 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
       log_prob = steps.gaussian_log_prob(x_prev, mean, std)
       log_ratio = (log_prob - old) / elements
       ratio = jnp.exp(log_ratio)
-      pg = ppo_loss(ratio, batch["advantages"], clip_range).mean()
+      pg = ppo_loss(ratio, ex["advantages"], clip_range).mean()
       kl = (gaussian_kl(mean, ref_mean, std).mean() / elements if kl_weight > 0
             else jnp.zeros(()))
       aux = {"policy_loss": pg, "kl_reference": kl,
@@ -147,12 +174,17 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
     metrics_sum = jax.tree.map(jnp.add, metrics_sum, aux)
     return (grads_sum, metrics_sum), None
 
+  def body(carry, idx):
+    """One chosen step of every trajectory, micro-batch by micro-batch."""
+    return jax.lax.scan(lambda c, part: micro_step(c, part, idx), carry, jnp.arange(parts))
+
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   metric_names = ("policy_loss", "kl_reference", "approx_kl", "clip_fraction", "ratio_mean",
                   "loss")
   init = (zeros, {k: jnp.zeros((), jnp.float32) for k in metric_names})
   (grads_sum, metrics_sum), _ = jax.lax.scan(body, init, chosen.T)
-  grads = jax.tree.map(lambda g: g / count, grads_sum)
-  metrics = {k: v / count for k, v in metrics_sum.items()}
+  # Every micro-batch loss is a mean over equally many trajectories: their mean is the batch's.
+  grads = jax.tree.map(lambda g: g / (count * parts), grads_sum)
+  metrics = {k: v / (count * parts) for k, v in metrics_sum.items()}
   metrics["grad_norm"] = optax.global_norm(grads)
   return state_lib.apply_gradients(state, grads, tx), metrics

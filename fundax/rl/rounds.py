@@ -99,9 +99,11 @@ def check_config(config: ml_collections.ConfigDict, *, need_selector: bool = Tru
     errors.append("stage2.pretrain_batch_size must be in [1, stage2.pretrain_pool]")
   divisor = parallel.batch_size_divisor(parallel.make_mesh(config.mesh.to_dict()))
   batch = r.prompts_per_batch * r.candidates_per_prompt
-  if batch % divisor:
+  parts = config.stage1.micro_batches
+  if parts < 1 or batch % (divisor * parts):
     errors.append(f"rollout.prompts_per_batch * candidates_per_prompt = {batch} must be a "
-                  f"multiple of the mesh's {divisor} data-parallel devices")
+                  f"multiple of the mesh's {divisor} data-parallel devices times "
+                  f"stage1.micro_batches = {parts}")
   if config.stage2.pretrain_batch_size % divisor:
     errors.append(f"stage2.pretrain_batch_size = {config.stage2.pretrain_batch_size} must be a "
                   f"multiple of the mesh's {divisor} data-parallel devices")
