@@ -2,6 +2,8 @@
 
     python bench/cold_start.py                 # writes bench/results/cold_start_S.json
     python bench/cold_start.py --size M --out /tmp/cold_M.json
+    python bench/cold_start.py --attention-impl flash --conv-impl matmul --matmul-dtype bfloat16 \
+        --out bench/results/cold_start_S_levers.json    # the UNet lowered as unet_bench's levers
 
 Each variant runs in a fresh process (nothing cached between them), one after the other, and
 records its wall time per phase and the load average. Variants:
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 VARIANTS = ("baseline", "init_rbg", "init_no_opt", "cache_warm")
 
 
-def worker(size: str, variant: str, cache_dir: str) -> dict:
+def worker(size: str, variant: str, cache_dir: str, lowering: dict) -> dict:
   """One cold start in this (fresh) process; returns seconds per phase."""
   t_start = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
@@ -51,7 +53,7 @@ def worker(size: str, variant: str, cache_dir: str) -> dict:
   t_import = time.perf_counter()
 
   spec = unet_bench.SIZES[size]
-  config = unet.UNetConfig.from_diffusers(dict(spec["unet"]))
+  config = unet.UNetConfig.from_diffusers(dict(spec["unet"]), **lowering)
   model = unet.UNet2DConditionModel(config)
   key = jax.random.key(0, impl="unsafe_rbg" if variant == "init_rbg" else "threefry2x32")
   options = {"xla_backend_optimization_level": 0} if variant == "init_no_opt" else None
@@ -90,7 +92,7 @@ def worker(size: str, variant: str, cache_dir: str) -> dict:
               cold_start_s=t_train - t_import)
 
 
-def run(size: str) -> dict:
+def run(size: str, lowering: dict) -> dict:
   results = {}
   with tempfile.TemporaryDirectory(prefix="jax_cache_") as cache_dir:
     for variant in VARIANTS:
@@ -98,7 +100,8 @@ def run(size: str) -> dict:
       for _ in range(passes):
         load = os.getloadavg()[0]
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", variant, "--size", size, "--cache", cache_dir],
+            [sys.executable, __file__, "--worker", variant, "--size", size, "--cache", cache_dir,
+             "--lowering", json.dumps(lowering)],
             capture_output=True, text=True, check=True, cwd=ROOT,
             env=dict(os.environ, JAX_PLATFORMS="cpu"))
         record = json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,21 +109,27 @@ def run(size: str) -> dict:
       results[variant] = record
       print(variant, json.dumps(record), flush=True)
   return dict(benchmark="fundax UNet cold start (init + optimizer init + train-step compile)",
-              size=size, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds"), variants=results, cpu_count=os.cpu_count())
+              size=size, lowering=lowering, date=datetime.datetime.now(
+                  datetime.timezone.utc).isoformat(timespec="seconds"), variants=results,
+              cpu_count=os.cpu_count())
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", choices=("S", "M"), default="S")
   parser.add_argument("--out", help="results JSON (default bench/results/cold_start_<size>.json)")
+  parser.add_argument("--attention-impl", choices=("xla", "flash"), default="xla")
+  parser.add_argument("--conv-impl", choices=("native", "matmul"), default="native")
+  parser.add_argument("--matmul-dtype", choices=("", "bfloat16"), default="")
   parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
   parser.add_argument("--cache", help=argparse.SUPPRESS)
+  parser.add_argument("--lowering", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps(worker(args.size, args.worker, args.cache)))
+    print(json.dumps(worker(args.size, args.worker, args.cache, json.loads(args.lowering))))
     return
-  result = run(args.size)
+  result = run(args.size, dict(attention_impl=args.attention_impl, conv_impl=args.conv_impl,
+                               matmul_dtype=args.matmul_dtype))
   path = pathlib.Path(args.out or ROOT / "bench" / "results" / f"cold_start_{args.size}.json")
   path.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {path}")

@@ -62,8 +62,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TOL = 1e-4
 TOL_BF16 = 5e-2  # bfloat16 compute keeps ~3 significant digits
 # Defaults of the fundax levers (command-line flags); a run's JSON records the ones it used.
-LEVERS = dict(conv_impl="native", dtype="float32", remat=False, allocator="default",
-              xla_flags="")
+LEVERS = dict(attention_impl="xla", conv_impl="native", matmul_dtype="", dtype="float32",
+              remat=False, xla_flags="")
 
 # The two benchmark UNets (diffusers UNet2DConditionModel kwargs) and their batches.
 SIZES = {
@@ -238,7 +238,8 @@ def relative_error(out, ref) -> float:
 def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: bool):
   """Imports the saved model into fundax, compiles, checks parity, then serves requests.
 
-  `levers` (see LEVERS) change how fundax computes, never what: conv_impl, dtype, remat.
+  `levers` (see LEVERS) change how fundax computes, never what: the UNet's lowering
+  (attention_impl, conv_impl, matmul_dtype; fundax.models.lowering), dtype, remat.
   With `sample`, it also compiles fundax's DDIM sampler (`fundax.diffusion.sample_loop`, one
   jitted `lax.scan` with classifier-free guidance) and checks its final latents against the
   PyTorch worker's reference sample from the same noise.
@@ -253,7 +254,9 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: b
 
   t0 = time.perf_counter()
   config, params = dfx.import_unet(directory, remat=levers["remat"])
-  config = dataclasses.replace(config, conv_impl=levers["conv_impl"])
+  config = dataclasses.replace(config, attention_impl=levers["attention_impl"],
+                               conv_impl=levers["conv_impl"],
+                               matmul_dtype=levers["matmul_dtype"])
   params = jax.block_until_ready(jax.device_put(params))
   params_s = time.perf_counter() - t0
 
@@ -314,7 +317,7 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: b
     sampler = jax.jit(sample_fn).lower(params, x_T, batch["text"]).compile()
     init["sample_compile_s"] = time.perf_counter() - t0
 
-  f32 = levers["dtype"] == "float32"
+  f32 = levers["dtype"] == "float32" and not levers["matmul_dtype"]
   err = relative_error(forward(params, batch),
                        np.load(os.path.join(directory, "reference_output.npy")))
   tol = TOL if f32 else TOL_BF16
@@ -377,25 +380,32 @@ def worker_main(framework: str, size: str, directory: str, threads: int, levers:
 # One thread for XLA's CPU client (its default is one per core).
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
+# Never return freed pages to the OS: both frameworks free and reallocate their large buffers
+# every step, and each fresh page costs a page fault (XLA at M: 810k faults, 1.2 s of system
+# time per train step with glibc's malloc, none with this).
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 class Worker:
   """A worker subprocess and its request/response channel."""
 
   def __init__(self, framework: str, size: str, directory: str, threads: int,
-               omp_wait_policy: str, levers: dict, sample: bool):
+               omp_wait_policy: str, allocator: str, levers: dict, sample: bool):
     self.framework = framework
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if framework == "torch" and omp_wait_policy != "default":
       env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
+    if allocator == "jemalloc":
+      if not os.path.isfile(JEMALLOC):
+        raise SystemExit(f"--allocator jemalloc: {JEMALLOC} missing (apt install libjemalloc2)")
+      env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
     if framework == "jax":
+      # The CPU backend only: with the tpu extra installed jax would also initialise libtpu
+      # (about 100 MiB of RSS, and a lock file), which this benchmark never uses.
+      env.setdefault("JAX_PLATFORMS", "cpu")
       env["XLA_FLAGS"] = " ".join(filter(None, [
           env.get("XLA_FLAGS"), XLA_ONE_THREAD if threads == 1 else "", levers["xla_flags"]]))
-      if levers["allocator"] == "jemalloc":
-        if not os.path.isfile(JEMALLOC):
-          raise SystemExit(f"--allocator jemalloc: {JEMALLOC} missing (apt install libjemalloc2)")
-        env["LD_PRELOAD"] = JEMALLOC
     self.load_at_start = os.getloadavg()[0]
     self.proc = subprocess.Popen(
         [sys.executable, __file__, "--worker", framework, "--size", size, "--dir", directory,
@@ -452,16 +462,17 @@ def summarize(blocks: list[dict], batch: int) -> dict:
               cpu_s_per_iteration=cpu, load_avg_1min=load_stats(blocks))
 
 
-def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict,
-        sample: bool) -> dict:
+def run(size: str, quick: bool, threads: int, omp_wait_policy: str, allocator: str,
+        levers: dict, sample: bool) -> dict:
   spec = dict(SIZES[size], **(QUICK if quick else {}))
   load_start = os.getloadavg()
   with tempfile.TemporaryDirectory(prefix=f"unet_bench_{size}_") as directory:
     print(f"[{size}] starting PyTorch worker (builds and saves the model)", flush=True)
-    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy, levers,
-                                 sample)}
+    workers = {"pytorch": Worker("torch", size, directory, threads, omp_wait_policy, allocator,
+                                 levers, sample)}
     print(f"[{size}] starting fundax worker (import, compile, parity)", flush=True)
-    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy, levers, sample)
+    workers["fundax"] = Worker("jax", size, directory, threads, omp_wait_policy, allocator,
+                               levers, sample)
     fx_ready = workers["fundax"].ready
     sample_parity = (f", sample {fx_ready['sample_parity_rel_err']:.2e} "
                      f"({SAMPLE_STEPS}-step DDIM)" if sample else "")
@@ -520,11 +531,13 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict
       init_time=fundax_init_s(fx["init"]) / pt["init"]["construction_s"],
       cold_start_s=cold_start(fx["init"]))
   config = dict(unet=spec["unet"], text_length=spec["text_length"], batch=spec["batch"],
-                threads=threads, rounds=spec["rounds"], iterations_per_block=iters,
+                threads=threads, allocator=allocator, rounds=spec["rounds"],
+                iterations_per_block=iters,
                 warmup_iterations=2,
                 optimizer=dict(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS))
   loss_a, loss_b = fx["first_train_loss"], pt["first_train_loss"]
-  parity = dict(forward_rel_err=fx_ready["parity_rel_err"], tolerance=TOL,
+  f32 = levers["dtype"] == "float32" and not levers["matmul_dtype"]
+  parity = dict(forward_rel_err=fx_ready["parity_rel_err"], tolerance=TOL if f32 else TOL_BF16,
                 first_train_loss_rel_diff=abs(loss_a - loss_b) / abs(loss_b))
   if sample:
     ratios.update(
@@ -536,7 +549,7 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str, levers: dict
         scheduler=DDIM_CONFIG, rounds=spec["sample_rounds"], uncond_text="zeros",
         warmup="the parity sample (one per worker)")
     parity.update(sample_rel_err=fx_ready["sample_parity_rel_err"],
-                  sample_tolerance=TOL_SAMPLE if levers["dtype"] == "float32" else TOL_BF16)
+                  sample_tolerance=TOL_SAMPLE if f32 else TOL_BF16)
   return dict(
       benchmark="fundax Flax UNet vs diffusers PyTorch UNet2DConditionModel, same weights, f32",
       size=size, quick=quick, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -578,10 +591,11 @@ def markdown(result: dict) -> str:
       f"text {cfg['text_length']}x{u['cross_attention_dim']}, batch {cfg['batch']}, "
       f"{fx['param_count'] / 1e6:.1f}M params, f32, {cfg['threads']} thread(s) each, "
       f"{result['date'][:10]}, jax {fx['version']} / torch {pt['version']} "
-      f"(OMP_WAIT_POLICY {pt['omp_wait_policy']}); forward parity rel err "
+      f"(OMP_WAIT_POLICY {pt['omp_wait_policy']}), malloc {cfg.get('allocator', 'default')}; "
+      f"forward parity rel err "
       f"{result['parity']['forward_rel_err']:.1e}, first-step loss rel diff "
       f"{result['parity']['first_train_loss_rel_diff']:.1e}{sample_parity}; fundax levers "
-      f"{ {k: v for k, v in fx.get('levers', LEVERS).items() if v != LEVERS[k]} or 'none'}",
+      f"{ {k: v for k, v in fx.get('levers', LEVERS).items() if v != LEVERS.get(k)} or 'none'}",
       "",
       "| | fundax (JAX/XLA) | diffusers (PyTorch) | fundax / PyTorch |",
       "|---|---|---|---|",
@@ -609,18 +623,26 @@ def main():
   parser.add_argument("--threads", type=int, choices=(1, 2), default=2,
                       help="threads for each framework (1: XLA single-threaded too)")
   parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"),
-                      default="passive", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads")
+                      default="default", help="OMP_WAIT_POLICY for PyTorch's OpenMP threads "
+                      "(libgomp's default spins: fastest on an idle machine; passive on a busy "
+                      "one)")
   parser.add_argument("--out", help="results JSON (default bench/results/unet_<size>.json)")
+  parser.add_argument("--attention-impl", choices=("xla", "flash"),
+                      default=LEVERS["attention_impl"],
+                      help="fundax: XLA's attention or the cache-blocked one")
   parser.add_argument("--conv-impl", choices=("native", "matmul"),
                       default=LEVERS["conv_impl"],
-                      help="fundax: convolutions as XLA convs or as im2col matmuls")
+                      help="fundax: convolutions as XLA convs or as row-tap matmuls")
+  parser.add_argument("--matmul-dtype", choices=("", "bfloat16"),
+                      default=LEVERS["matmul_dtype"],
+                      help="fundax: dense/conv operand dtype (float32 accumulation)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       default=LEVERS["dtype"],
                       help="fundax compute dtype (params and optimizer stay float32)")
   parser.add_argument("--remat", action="store_true", help="fundax: rematerialise blocks")
-  parser.add_argument("--allocator", choices=("default", "jemalloc"),
-                      default=LEVERS["allocator"],
-                      help="fundax worker's malloc (jemalloc via LD_PRELOAD)")
+  parser.add_argument("--allocator", choices=("default", "jemalloc"), default="default",
+                      help="both workers' malloc: glibc's, or Debian's jemalloc keeping freed "
+                      "pages (LD_PRELOAD)")
   parser.add_argument("--xla-flags", default=LEVERS["xla_flags"],
                       help="extra XLA_FLAGS for the fundax worker")
   parser.add_argument("--skip-sample", action="store_true",
@@ -633,9 +655,10 @@ def main():
     worker_main(args.worker, args.size, args.dir, args.threads, json.loads(args.levers),
                 not args.skip_sample)
     return
-  levers = dict(conv_impl=args.conv_impl, dtype=args.dtype, remat=args.remat,
-                allocator=args.allocator, xla_flags=args.xla_flags)
-  result = run(args.size, args.quick, args.threads, args.omp_wait_policy, levers,
+  levers = dict(attention_impl=args.attention_impl, conv_impl=args.conv_impl,
+                matmul_dtype=args.matmul_dtype, dtype=args.dtype, remat=args.remat,
+                xla_flags=args.xla_flags)
+  result = run(args.size, args.quick, args.threads, args.omp_wait_policy, args.allocator, levers,
                not args.skip_sample)
   print(json.dumps(result["ratios_fundax_over_pytorch"]))
   print()
