@@ -235,6 +235,11 @@ def relative_error(out, ref) -> float:
   return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
 
 
+def is_float32(levers: dict) -> bool:
+  """Whether fundax computes in float32 throughout (parity at TOL), else bfloat16 (TOL_BF16)."""
+  return levers["dtype"] == "float32" and not levers["matmul_dtype"]
+
+
 def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: bool):
   """Imports the saved model into fundax, compiles, checks parity, then serves requests.
 
@@ -317,7 +322,7 @@ def jax_worker(spec: dict, directory: str, threads: int, levers: dict, sample: b
     sampler = jax.jit(sample_fn).lower(params, x_T, batch["text"]).compile()
     init["sample_compile_s"] = time.perf_counter() - t0
 
-  f32 = levers["dtype"] == "float32" and not levers["matmul_dtype"]
+  f32 = is_float32(levers)
   err = relative_error(forward(params, batch),
                        np.load(os.path.join(directory, "reference_output.npy")))
   tol = TOL if f32 else TOL_BF16
@@ -536,7 +541,7 @@ def run(size: str, quick: bool, threads: int, omp_wait_policy: str, allocator: s
                 warmup_iterations=2,
                 optimizer=dict(name="adamw", lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS))
   loss_a, loss_b = fx["first_train_loss"], pt["first_train_loss"]
-  f32 = levers["dtype"] == "float32" and not levers["matmul_dtype"]
+  f32 = is_float32(levers)
   parity = dict(forward_rel_err=fx_ready["parity_rel_err"], tolerance=TOL if f32 else TOL_BF16,
                 first_train_loss_rel_diff=abs(loss_a - loss_b) / abs(loss_b))
   if sample:

@@ -190,14 +190,12 @@ def make_conv_fn(lowering: Lowering):
         return dense_product(lhs, rhs[0, 0], operand_dtype)
       return rows_conv(lhs, rhs, operand_dtype or lhs.dtype).astype(
           _F32 if operand_dtype else lhs.dtype)
-    if operand_dtype is None:
-      return jax.lax.conv_general_dilated(
-          lhs, rhs, window_strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
-          feature_group_count, precision=precision)
+    if operand_dtype is not None:
+      lhs, rhs = lhs.astype(operand_dtype), rhs.astype(operand_dtype)
     return jax.lax.conv_general_dilated(
-        lhs.astype(operand_dtype), rhs.astype(operand_dtype), window_strides, pads,
-        lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-        preferred_element_type=_F32)
+        lhs, rhs, window_strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision,
+        preferred_element_type=None if operand_dtype is None else _F32)
 
   return conv
 
