@@ -96,13 +96,17 @@ def get_topology(name: str) -> Topology:
                      "v4:2x2x2 or v5p:2x2x4")
   # libtpu otherwise takes a host-wide lock file, held by any other process that loaded it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  chips = math.prod(int(d) for d in match.group(2).split("x"))
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    devices = tuple(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    if len(devices) > chips:
+      # v4 is described by default with one device per TensorCore (two per chip); jax meshes
+      # on TPU > v3 need megacore mode, one device per chip, which is how v4 pods train.
+      devices = tuple(topologies.get_topology_desc(
+          platform="tpu", topology_name=name, chip_config_name="megacore").devices)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"TPU topology {name!r} is not available: {e} (ahead-of-time compilation "
                      "needs the libtpu package: pip install -e .[tpu])") from e
-  chips = math.prod(int(d) for d in match.group(2).split("x"))
-  devices = tuple(desc.devices)
   return Topology(name=name, devices=devices, chips=chips, device_kind=devices[0].device_kind)
 
 
@@ -333,19 +337,23 @@ def rlhf_trained_steps(rlhf: ml_collections.ConfigDict, models: sampling.Models)
 
 
 def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: bool = False,
-        sampler: bool = True, rlhf: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+        train: bool = True, sampler: bool = True,
+        rlhf: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
   """Compiles an LDM config's train step (and sampler) for a TPU topology; no TPU needed.
 
   Args:
     config: a configs/ldm.py-style config (mesh, sharding_rules, batch_size, ...).
     topology: e.g. "v5e:4x4".
     cached_latents: the batch holds precomputed latents and text embeddings.
+    train: compile the train step (off to measure only the other programs: each SD1.5-size
+      compile takes minutes and most of a small host's memory).
     sampler: also compile the sampler, one prompt per batch shard.
     rlhf: a configs/rlhf.py config: also compile its DDPO update on `batch_size` rollouts.
 
   Returns:
     A JSON-serialisable report: topology, mesh, batch per chip, parameter count and, for
-    "train_step" (and "sampler", "rlhf_update"), per-device memory (GiB) and cost analysis.
+    each compiled program ("train_step", "sampler", "rlhf_update"), per-device memory (GiB)
+    and cost analysis.
   """
   topo = get_topology(topology)
   mesh = parallel.make_mesh(config.mesh, devices=list(topo.devices))
@@ -362,8 +370,9 @@ def run(config: ml_collections.ConfigDict, topology: str, *, cached_latents: boo
       text_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["text"])),
       vae_params=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen["vae"])))
   hbm = topo.hbm_bytes_per_device
-  report["train_step"] = _analyse("train step", functools.partial(
-      compile_train_step, config, models, frozen, mesh, cached_latents=cached_latents), hbm)
+  if train:
+    report["train_step"] = _analyse("train step", functools.partial(
+        compile_train_step, config, models, frozen, mesh, cached_latents=cached_latents), hbm)
   if sampler:
     batch = parallel.batch_size_divisor(mesh)
     analysis = _analyse(

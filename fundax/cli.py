@@ -151,7 +151,7 @@ def cmd_aot(args, overrides):
     with rlhf.unlocked():
       rlhf.stage1.micro_batches = args.rlhf_micro_batches
   report = aot.run(config, args.topology, cached_latents=args.cached_latents,
-                   sampler=not args.no_sampler, rlhf=rlhf)
+                   train=not args.no_train, sampler=not args.no_sampler, rlhf=rlhf)
   print(aot.format_report(report))
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -350,6 +350,7 @@ def make_parser() -> argparse.ArgumentParser:
                  help="set batch_size to this many images per chip (default: the config's)")
   p.add_argument("--cached-latents", action="store_true",
                  help="batches hold precomputed latents and text embeddings (no VAE in the step)")
+  p.add_argument("--no-train", action="store_true", help="do not compile the train step")
   p.add_argument("--no-sampler", action="store_true", help="do not compile the sampler")
   p.add_argument("--rlhf-config", default="configs/rlhf.py",
                  help="RLHF config whose DDPO update is compiled on batch_size rollouts")

@@ -12,6 +12,7 @@ import pytest
 
 from fundax import aot
 from fundax import configlib
+from fundax import parallel
 
 TOPOLOGY = "v5e:2x2"
 
@@ -65,6 +66,17 @@ def test_rlhf_update_compiles_on_sharded_rollouts(report):
   assert mem["fits"] and mem["aliased"] > 0  # the donated UNet state
   # The update runs the UNet forward and backward at least once per trained step.
   assert update["cost"]["flops"] > report["train_step"]["cost"]["flops"] / 4
+
+
+def test_v4_is_described_one_device_per_chip():
+  # libtpu's default v4 description has a device per TensorCore (16 for 8 chips), which
+  # jax.make_mesh refuses on TPU > v3; fundax asks for megacore mode instead.
+  topo = aot.get_topology("v4:2x2x2")
+  assert (topo.chips, len(topo.devices), topo.devices_per_chip) == (8, 8, 1)
+  assert topo.device_kind == "TPU v4" and topo.hbm_bytes_per_device == 32 * aot.GIB
+  assert len({tuple(d.coords) for d in topo.devices}) == 8
+  mesh = parallel.make_mesh({"data": 1, "fsdp": -1}, devices=list(topo.devices))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
 
 
 def test_bad_topology_names_the_format():

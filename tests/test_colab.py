@@ -1,7 +1,13 @@
-"""Every Colab notebook runs top to bottom (code cells, in order, in one namespace)."""
+"""Every Colab notebook runs top to bottom (code cells, in order, in one namespace).
+
+02_main_job runs on a copy of the session's finished configs/main.py:test run (conftest.py), so
+its `main_job.run` cell resumes it (every stage skipped) and the cells after it read real
+outputs; training the main job end to end is tests/test_main_job.py's, on that same run.
+"""
 
 import json
 import pathlib
+import shutil
 
 import matplotlib
 import pytest
@@ -16,11 +22,14 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch, tmp_path):
+def test_notebook_runs(path, monkeypatch, tmp_path, request):
   monkeypatch.chdir(path.parent.parent)  # notebooks run from the repository root
   # 02_main_job: the main job's "test" variant (seconds per stage) instead of "tiny".
   monkeypatch.setenv("FUNDAX_DEMO_VARIANT", "test")
   monkeypatch.setenv("FUNDAX_DEMO_WORKDIR", str(tmp_path))
+  if path.name == "02_main_job.ipynb":
+    _, finished, _ = request.getfixturevalue("main_job_test_run")
+    shutil.copytree(finished, tmp_path / "main")  # the notebook's WORKDIR
   cells = json.loads(path.read_text())["cells"]
   namespace = {}
   for i, cell in enumerate(cells):
@@ -28,3 +37,6 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
       continue
     source = "".join(cell["source"])
     exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)  # pylint: disable=exec-used
+  if path.name == "02_main_job.ipynb":
+    summary = json.loads((tmp_path / "main" / "summary.json").read_text())
+    assert all(stage["skipped"] for stage in summary["stages"].values()), summary["stages"]

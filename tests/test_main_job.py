@@ -19,12 +19,9 @@ def _config(*overrides):
   return configlib.apply_overrides(config, list(overrides))
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("main_job")
-  config = _config()
-  outputs = main_job.run(config, str(workdir))
-  return config, workdir, outputs
+@pytest.fixture
+def job(main_job_test_run):
+  return main_job_test_run  # conftest.py: one configs/main.py:test run per session
 
 
 def _tiles(path):

@@ -63,6 +63,13 @@ def test_ema_update_by_hand():
   np.testing.assert_allclose(new["a"], [1.2, 2.0], rtol=1e-6)
 
 
+def test_ema_warmup_by_hand():
+  # diffusers' EMAModel: min(decay, (1 + step) / (10 + step)).
+  got = [float(optim.ema_warmup(0.999, s)) for s in (0, 1, 10, 90, 100_000)]
+  np.testing.assert_allclose(got, [0.1, 2 / 11, 11 / 20, 0.91, 0.999], rtol=1e-6)
+  assert float(optim.ema_warmup(0.0, 5)) == 0.0
+
+
 def test_apply_gradients():
   tx = optim.make_optimizer({"lr": 0.1, "total_steps": 10})
   state = state_lib.create({"w": jnp.ones((2, 2))}, tx, ema=True)
@@ -70,7 +77,11 @@ def test_apply_gradients():
   grads = {"w": jnp.ones((2, 2))}
   new = state_lib.apply_gradients(state, grads, tx, ema_decay=0.5)
   assert int(new.step) == 1
-  np.testing.assert_allclose(new.ema_params["w"], 0.5 * 1.0 + 0.5 * new.params["w"])
+  # Step 0 averages with decay min(0.5, 1 / 10): the warmup, not the configured 0.5.
+  np.testing.assert_allclose(new.ema_params["w"], 0.1 * 1.0 + 0.9 * new.params["w"], rtol=1e-6)
+  newer = state_lib.apply_gradients(new.replace(step=jnp.array(90)), grads, tx, ema_decay=0.5)
+  np.testing.assert_allclose(newer.ema_params["w"],
+                             0.5 * new.ema_params["w"] + 0.5 * newer.params["w"], rtol=1e-6)
   with pytest.raises(ValueError, match="ema_decay"):
     state_lib.apply_gradients(state, grads, tx)
   plain = state_lib.create({"w": jnp.ones((2, 2))}, tx)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 _DEFAULTS = {"warmup_steps": 0, "end_lr_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
@@ -83,6 +84,24 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
 def ema_decay(config: Any) -> float:
   """The configured EMA decay (0 means no EMA)."""
   return float(_get(config, "ema_decay"))
+
+
+def ema_warmup(decay: float | jax.Array, step: jax.Array) -> jax.Array:
+  """The decay used at optimizer step `step` (0-based): `min(decay, (1 + step) / (10 + step))`.
+
+  diffusers' EMAModel schedule. A constant 0.999 over a 150-step run would leave 86% of the
+  random init in the average (0.999 ** 150); with the warmup the average tracks the params
+  early and approaches `decay` after ~10 / (1 - decay) steps.
+
+  Args:
+    decay: the configured decay, in [0, 1].
+    step: the number of updates applied before this one (traced).
+
+  Returns:
+    The decay for this update, float32.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + step) / (10.0 + step))
 
 
 def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:

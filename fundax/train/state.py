@@ -62,7 +62,8 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
     grads: gradients with the structure of `state.params`.
     optimizer: the optax transformation the state was created with.
     ema_decay: EMA decay per step; required when `state.ema_params` is not None. May be a
-      traced value (a schedule), so changing it does not recompile.
+      traced value (a schedule), so changing it does not recompile. Early steps use less
+      (`optim.ema_warmup`), so a short run's average is not mostly its random init.
 
   Returns:
     The state after the update, with `step + 1`.
@@ -76,6 +77,6 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
   if ema_params is not None:
     if ema_decay is None:
       raise ValueError("the state tracks ema_params: pass ema_decay")
-    ema_params = optim.ema_update(ema_params, params, ema_decay)
+    ema_params = optim.ema_update(ema_params, params, optim.ema_warmup(ema_decay, state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        ema_params=ema_params)
