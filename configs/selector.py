@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.seed = 0  # root seed: parameter init, batch order, prompt styles
   c.resolution = 64 if tiny else 128  # side of the images the Selector sees, px
   c.text_encoder = "random" if tiny else "minilm"  # load_text_encoder spec, or "none"
-  c.max_length = 32 if tiny else 64  # prompt length in tokens (longer prompts are truncated)
+  c.max_length = 160  # prompt length in tokens: no phantom caption is cut (longer ones are)
   c.mesh = ml_collections.ConfigDict({"data": -1})  # parallelism degrees (-1: all devices)
 
   c.model = ml_collections.ConfigDict()

@@ -19,7 +19,8 @@ ALL_CONFIGS = [
     ("sd15_fundus.py", None), ("sd15_fundus.py", "eyepacs"),
     ("selector.py", None), ("selector.py", "tiny"), ("selector.py", "eyeq"),
     ("evaluator.py", None), ("evaluator.py", "tiny"),
-    ("rlhf.py", None), ("rlhf.py", "tiny"), ("rlhf.py", "test"),
+    ("rlhf.py", None), ("rlhf.py", "tiny"), ("rlhf.py", "tiny_long"),
+    ("rlhf.py", "test"),
 ]
 
 
@@ -87,3 +88,20 @@ def test_missing_config_file_named():
 def test_unknown_variant_raises():
   with pytest.raises(ValueError, match="variants"):
     configlib.load_config("configs/main.py:huge")
+
+
+def test_phantom_captions_fit_the_text_length_of_the_configs_trained_on_them():
+  """Truncation cuts a caption's tail, which is where the grade and lesions often are: the
+  configs that train on phantom captions hold every style of them whole."""
+  from fundax.data import captions, phantom  # pylint: disable=g-import-not-at-top
+  from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizer_lib.make_tokenizer(None)
+  longest = max(len(tokenizer(text)["input_ids"]) for seed in range(60)
+                for text in captions.captions(phantom.generate(seed=seed, resolution=64).labels))
+  assert longest > 77  # the sampled cases include long captions (so the check means something)
+  lengths = {"main.py:tiny ldm": configlib.load_config("configs/main.py:tiny").ldm.max_length,
+             "ldm.py": configlib.load_config("configs/ldm.py").max_length,
+             "ldm.py:base": configlib.load_config("configs/ldm.py:base").max_length,
+             "selector.py:tiny": configlib.load_config("configs/selector.py:tiny").max_length,
+             "selector.py": configlib.load_config("configs/selector.py").max_length}
+  assert {name: n for name, n in lengths.items() if n < longest} == {}, longest

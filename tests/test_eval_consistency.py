@@ -58,3 +58,11 @@ def test_consistency_scores_only_stated_attributes():
   # states only laterality, which agrees.
   assert out["per_image_agree"] == [True, False, True]
   assert out["all_stated_agree"] == pytest.approx(2 / 3)
+  assert out["stated_agree_fraction"] == pytest.approx((3 / 3 + 0 / 3 + 1 / 1) / 3)
+  assert out["per_image_fraction"] == pytest.approx([1.0, 0.0, 1.0])
+  assert np.isnan(consistency.consistency([""], {"laterality": np.array([0])})
+                  ["per_image_fraction"][0])  # a prompt stating nothing has no fraction
+  # Prompt 1 now gets its eye right: partial credit moves, all-or-nothing does not.
+  out = consistency.consistency(prompts, {**predictions, "laterality": np.array([0, 1, 1])})
+  assert out["all_stated_agree"] == pytest.approx(2 / 3)
+  assert out["stated_agree_fraction"] == pytest.approx((3 / 3 + 1 / 3 + 1 / 1) / 3)

@@ -105,6 +105,9 @@ def test_rlhf_rounds_ran_from_the_earlier_stages(job):
   assert (workdir / "rlhf" / "feedback" / "ratings.sqlite").stat().st_size > 0
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["metrics"]["rlhf"]["rounds_done"] == config.rlhf.num_rounds
+  kept = report["history"][record["best_round"]]  # the summary's "kept" figures are that round's
+  assert summary["metrics"]["rlhf"]["reward_kept"] == pytest.approx(kept["reward"])
+  assert summary["metrics"]["rlhf"]["composite_kept"] == pytest.approx(kept["composite"])
   assert outputs["rlhf best_checkpoint"] == str(workdir / "rlhf" / "best")
 
 
@@ -128,10 +131,12 @@ def test_rerun_skips_finished_stages(job):
 
 
 def test_interrupted_training_resumes(tmp_path):
-  config = _config("stop_after=vae", "vae.num_steps=4", "vae.stop_at_step=2")
-  main_job.run(config, str(tmp_path))
-  configlib.apply_overrides(config, ["vae.stop_at_step=0"])
-  (tmp_path / "stages" / "vae.json").unlink()  # as if the job had been killed mid-stage
+  config = _config("stop_after=ldm", "vae.num_steps=4", "vae.stop_at_step=2")
+  outputs = main_job.run(config, str(tmp_path))
+  # The VAE stopped at step 2 of 4 (as SIGTERM stops it): not marked finished, no LDM on it.
+  assert "stage vae unfinished: stopped at step 2 of 4" in outputs["stopped"]
+  assert not (tmp_path / "stages" / "vae.json").exists() and not (tmp_path / "ldm").exists()
+  configlib.apply_overrides(config, ["vae.stop_at_step=0", "stop_after=vae"])
   main_job.run(config, str(tmp_path))
   rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().split("\n")
           if line]
@@ -145,6 +150,7 @@ def test_interrupted_training_resumes(tmp_path):
     ("stop_after=rl", "not a stage"),
     ("rlhf.rollout.eta=0.0", "eta must be > 0"),
     ("rlhf.rollout.candidates_per_prompt=1", "candidates_per_prompt must be >= 2"),
+    ("rlhf.stage1.advantage_fallback=median", "advantage_fallback must be one of"),
     ("resolution=66", "must be a multiple of"),
     ("vae.batch_size=0", "invalid VAE config"),
     ("grids.grades=(2, 5)", "DR grades 0-4"),

@@ -3,6 +3,7 @@ resumed mid-round equals an uninterrupted one, and the guard stops a run that ga
 
 import functools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -186,21 +187,6 @@ def test_toy_reward_goes_up(loop):
   assert max(rewards[1:]) > rewards[0] + 0.01, rewards
 
 
-def test_stage1_round_logs_its_statistics(ldm_dir, tmp_path):
-  """A stage-1-only round counts its Selector queries and logs every update's statistics."""
-  config = make_config(ldm_dir, **{"stage1.iterations": 2, "stage2.iterations": 0,
-                                   "guard.enabled": False})
-  out = rounds.run(config, str(tmp_path), reward_fn=reward_lib.mean_brightness,
-                   heldout_fn=darkness)
-  history = json.loads((tmp_path / "report" / "report.json").read_text())["history"]
-  assert out["queries"] == 2 * 8 and [h["round"] for h in history] == [0, 1]
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  stage1 = [r for r in records if r["split"] == "stage1"]
-  assert [r["step"] for r in stage1] == [1, 2, 3, 4]
-  for name in ("approx_kl", "clip_fraction", "reward_mean", "advantage_std", "kl_reference"):
-    assert all(np.isfinite(r[name]) for r in stage1)
-
-
 def test_resume_mid_round_equals_uninterrupted(ldm_dir, tmp_path):
   straight, split = tmp_path / "straight", tmp_path / "split"
   config = make_config(ldm_dir)
@@ -250,3 +236,35 @@ def test_guard_stops_and_keeps_the_best_round(ldm_dir, tmp_path):
   assert "SYNTHETIC" in page and "Selector reward rose" in page
   for name in ("curves", "curves_queries", "grid_before", "grid_after"):
     assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000
+
+
+def test_ablation_runs_every_arm_on_the_same_budget(ldm_dir, tmp_path):
+  """`fundax rlhf-ablate`'s work: each arm a full run on the same Selector queries, a table row
+  per arm whose "kept" figures are its kept round's, and the curves."""
+  from fundax.rl import ablation  # pylint: disable=g-import-not-at-top
+  config = make_config(ldm_dir, **{"guard.enabled": False})
+  out = ablation.run(config, str(tmp_path), reward_fn=reward_lib.mean_brightness,
+                     heldout_fn=darkness)
+  results = out["results"]
+  assert list(results) == list(ablation.ARMS)
+  assert {r["queries"] for r in results.values()} == {2 * 8}
+  rows = (tmp_path / "ablation.md").read_text().splitlines()[2:]
+  assert [row.split(" | ")[0].strip("| ") for row in rows] == list(ablation.ARMS)
+  saved = json.loads((tmp_path / "ablation.json").read_text())["arms"]
+  for arm, r in results.items():
+    kept = saved[arm]["history"][r["best_round"]]
+    assert r["reward_kept"] == pytest.approx(kept["reward"])
+    assert r["heldout_kept"]["darkness"] == pytest.approx(kept["metrics"]["darkness"])
+    assert f"{r['composite_kept']:.4f}" in rows[list(results).index(arm)]
+  # DDPO-only never reaches stage 2; RWR-only never runs stage 1.
+  records = {arm: [json.loads(line) for line in
+                   (tmp_path / arm / "metrics.jsonl").read_text().splitlines()] for arm in results}
+  splits = {arm: {r["split"] for r in rows} for arm, rows in records.items()}
+  assert "stage2" not in splits["ddpo_only"] and "stage1" not in splits["rwr_only"]
+  assert {"stage1", "stage2"} <= splits["both"]
+  # The stage-1-only round: both batches' inner epochs are logged with their statistics.
+  stage1 = [r for r in records["ddpo_only"] if r["split"] == "stage1"]
+  assert [r["step"] for r in stage1] == [1, 2, 3, 4]
+  for name in ("approx_kl", "clip_fraction", "reward_mean", "advantage_std", "kl_reference"):
+    assert all(np.isfinite(r[name]) for r in stage1)
+  assert pathlib.Path(out["curves"]).stat().st_size > 1000

@@ -32,6 +32,29 @@ def test_advantages_batch_stats_until_min_count_then_per_prompt():
   assert buffers["a"] == [3.0, 5.0, 7.0, 9.0]
 
 
+def test_advantages_group_fallback_compares_a_prompts_own_candidates():
+  # a, a, b, b with rewards 1, 3, 4, 8, no prompt at min_count. "batch": mean 4, std
+  # sqrt(26 / 4) = 2.54951. "group": means a 2, b 6; residuals -1, 1, -2, 2, pooled std
+  # sqrt(10 / 4) = 1.58114; c (one candidate) has nothing to be compared with: 0.
+  prompts, rewards = ["a", "a", "b", "b"], [1.0, 3.0, 4.0, 8.0]
+  kw = dict(buffer_size=8, min_count=3, clip=10.0)
+  adv, _, _ = advantages.compute_advantages({}, prompts, rewards, **kw)
+  np.testing.assert_allclose(adv, np.array([-3, -1, 0, 4]) / 2.54951, rtol=1e-5)
+  adv, _, _ = advantages.compute_advantages({}, prompts, rewards, fallback="group", **kw)
+  np.testing.assert_allclose(adv, np.array([-1, 1, -2, 2]) / 1.58114, rtol=1e-5)
+  adv, _, info = advantages.compute_advantages({}, [*prompts, "c"], [*rewards, 9.0],
+                                               fallback="group", **kw)
+  assert adv[4] == 0.0 and info["per_prompt_fraction"] == 0.0
+  # A prompt at min_count still uses its own buffer, whatever the fallback.
+  adv, _, info = advantages.compute_advantages({"a": [0.0, 4.0]}, prompts, rewards,
+                                               fallback="group", **kw)
+  np.testing.assert_allclose(adv[:2], (np.array([1.0, 3.0]) - 2.0) / np.std([0, 4, 1, 3]),
+                             rtol=1e-5)
+  assert info["per_prompt_fraction"] == 0.5
+  with pytest.raises(ValueError, match="fallback"):
+    advantages.compute_advantages({}, prompts, rewards, fallback="median", **kw)
+
+
 def test_advantages_clip_and_do_not_mutate():
   buffers = {"a": [0.0] * 7 + [1.0]}
   adv, new, _ = advantages.compute_advantages(buffers, ["a"], [1.0], buffer_size=100,

@@ -143,11 +143,11 @@ def test_ldm_sigterm_saves_and_resume_equals_straight_run(ldm_run, data_dir, tmp
   with monkeypatch.context() as patch:
     patch.setattr(loop, "train_loop", preempted_loop)
     outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
-  assert "preempted" in outputs["stopped"]
+  assert "preempted" in outputs["unfinished"]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert max(r["step"] for r in read_metrics(tmp_path)) == 2
   outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
-  assert "stopped" not in outputs
+  assert "unfinished" not in outputs
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
   assert_trees_close(params_of(tmp_path), params_of(ldm_run))
 

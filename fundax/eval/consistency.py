@@ -118,11 +118,15 @@ def consistency(prompts: Sequence[str], predictions: Mapping[str, np.ndarray]) -
     attribute -> {"n", "accuracy", "confusion" [K][K], "qwk" (ordinal only)}, and for "cdr"
     {"n", "mae", "accuracy" (within CDR_TOLERANCE)}; attributes no prompt states are absent.
     "per_image_agree" [N] says whether each image agrees on every attribute its prompt states,
-    and "all_stated_agree" is its mean.
+    and "all_stated_agree" is its mean; "per_image_fraction" [N] is the fraction of each
+    image's stated attributes confirmed (NaN where its prompt states none), and
+    "stated_agree_fraction" its mean over the images with a statement (partial credit: it
+    still moves when few images get every attribute right).
   """
   asked = [captions.parse_caption(p) for p in prompts]
   report = {}
   all_ok = np.ones(len(prompts), bool)
+  stated, confirmed = np.zeros(len(prompts)), np.zeros(len(prompts))
   for name in (*CLASSES, "cdr"):
     if name not in predictions:
       continue
@@ -140,6 +144,12 @@ def consistency(prompts: Sequence[str], predictions: Mapping[str, np.ndarray]) -
       ok = got == want
       report[name] = agreement(want, got, CLASSES[name], name in ORDINAL)
     all_ok[idx] &= ok
+    stated[idx] += 1
+    confirmed[idx] += ok
   report["all_stated_agree"] = float(all_ok.mean()) if len(prompts) else float("nan")
+  some = stated > 0
+  fraction = np.where(some, confirmed / np.maximum(stated, 1), np.nan)
+  report["per_image_fraction"] = fraction.tolist()
+  report["stated_agree_fraction"] = float(fraction[some].mean()) if some.any() else float("nan")
   report["per_image_agree"] = all_ok.tolist()
   return report

@@ -102,7 +102,7 @@ def _table(results: Mapping) -> list[tuple[str, object, str]]:
   if "selector" in results:
     rows += [("Selector score (mean): the generator's own reward",
               results["selector"]["mean"], "Selector"),
-             ("Spearman(Selector score, image agrees with its prompt)",
+             ("Spearman(Selector score, share of its prompt the image agrees with)",
               results["selector"]["spearman_vs_consistency"], "Selector vs evaluator")]
   f = results["fidelity"]
   rows += [("Fréchet distance (evaluator features)", f["frechet_distance"], ev),
@@ -121,6 +121,8 @@ def _table(results: Mapping) -> list[tuple[str, object, str]]:
       if "qwk" in entry:
         rows.append((f"consistency: {name} QWK", entry["qwk"], ev))
   rows.append(("consistency: all stated attributes agree", c["all_stated_agree"], ev))
+  rows.append(("consistency: fraction of stated attributes agreeing",
+               c["stated_agree_fraction"], ev))
   a = results["anatomy"]
   rows += [("vessel density |generated - reference|", a["vessel_density"]["abs_difference"],
             "Frangi vesselness"),
@@ -225,10 +227,14 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
   steps.close()
   if selector_scores is not None:
     scores = np.asarray(selector_scores, float)
-    agree = np.asarray(results["consistency"]["per_image_agree"], float)
+    agree = np.asarray(results["consistency"]["per_image_fraction"], float)
     # A Selector the generator has learnt to please stops tracking independent agreement.
-    rho = (float(stats.spearmanr(scores, agree).statistic)
-           if np.ptp(scores) > 0 and np.ptp(agree) > 0 else float("nan"))
+    # Partial agreement: the all-or-nothing rate is constant (0) for a small model.
+    stated = np.isfinite(agree)
+    scores_stated, agree = scores[stated], agree[stated]
+    rho = (float(stats.spearmanr(scores_stated, agree).statistic)
+           if len(agree) > 1 and np.ptp(scores_stated) > 0 and np.ptp(agree) > 0
+           else float("nan"))
     results["selector"] = {"mean": float(scores.mean()), "scores": scores.tolist(),
                            "spearman_vs_consistency": rho}
   results["table"] = _table(results)

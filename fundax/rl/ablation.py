@@ -52,15 +52,18 @@ def arm_config(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Co
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-  metric_names = list(next(iter(results.values()))["heldout_after"])
-  head = ["arm", "queries", "Selector reward before", "after", "composite before", "after",
-          "kept round", "guard stopped", *metric_names]
+  """One row per arm: Selector reward and composite before, after the last round and at the
+  kept round (the model the arm hands on), then the kept round's held-out metrics."""
+  metric_names = list(next(iter(results.values()))["heldout_kept"])
+  head = ["arm", "queries", "Selector reward before", "last", "kept", "composite before", "last",
+          "kept", "kept round", "guard stopped", *(f"{m} (kept)" for m in metric_names)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for arm, r in results.items():
-    cells = [arm, str(r["queries"]), f"{r['reward_before']:.4f}", f"{r['reward_after']:.4f}",
-             f"{r['composite_before']:.4f}", f"{r['composite_after']:.4f}",
+    cells = [arm, str(r["queries"]),
+             *(f"{r[f'{name}_{when}']:.4f}" for name in ("reward", "composite")
+               for when in ("before", "after", "kept")),
              str(r["best_round"]), str(r["stopped"]),
-             *(f"{r['heldout_after'][m]:.4f}" for m in metric_names)]
+             *(f"{r['heldout_kept'][m]:.4f}" for m in metric_names)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -2,10 +2,19 @@
 
 Each prompt keeps a buffer of its most recent `buffer_size` rewards. A batch's rewards are
 appended to their prompts' buffers first; then each reward is normalised by its prompt's
-buffer mean and standard deviation when the buffer holds at least `min_count` rewards, and by
-the whole batch's otherwise (a new prompt has no statistics of its own yet). Advantages are
-clipped to [-clip, clip]. The buffers are plain JSON (prompt -> list of floats), saved in the
-checkpoint extras so that a resumed run normalises exactly as an uninterrupted one.
+buffer mean and standard deviation when the buffer holds at least `min_count` rewards, and
+otherwise (a new prompt has no statistics of its own yet) by the fallback:
+
+  "batch"  the whole batch's mean and standard deviation (DDPO's tracker);
+  "group"  the mean of the prompt's own candidates in this batch, and the batch's pooled
+           within-prompt standard deviation (each reward minus its prompt's batch mean), as
+           group-relative policy optimisation does. With prompts that rarely repeat (the phantom
+           caption distribution), "batch" compares candidates of different prompts, so how hard
+           a prompt is for the Selector enters every advantage; "group" compares only the
+           K candidates of one prompt (a prompt with one candidate gets advantage 0).
+
+Advantages are clipped to [-clip, clip]. The buffers are plain JSON (prompt -> list of floats),
+saved in the checkpoint extras so that a resumed run normalises exactly as an uninterrupted one.
 
     advantage = clip((reward - mean) / (std + EPS), -clip, clip)
 
@@ -19,11 +28,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 EPS = 1e-6
+FALLBACKS = ("batch", "group")  # statistics of a prompt below min_count
 
 
 def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence[str],
-                       rewards, *, buffer_size: int, min_count: int,
-                       clip: float) -> tuple[np.ndarray, dict[str, list[float]], dict]:
+                       rewards, *, buffer_size: int, min_count: int, clip: float,
+                       fallback: str = "batch"
+                       ) -> tuple[np.ndarray, dict[str, list[float]], dict]:
   """Advantages of one batch and the updated per-prompt buffers (the inputs are not changed).
 
   Args:
@@ -33,6 +44,7 @@ def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence
     buffer_size: rewards kept per prompt (the oldest are dropped).
     min_count: buffer length from which a prompt's own statistics are used.
     clip: advantages are clipped to [-clip, clip]; 0 or less disables clipping.
+    fallback: the statistics of a prompt below `min_count`, one of FALLBACKS (see above).
 
   Returns:
     (advantages [N] float32, new buffers, info): info has "per_prompt_fraction", the fraction
@@ -43,12 +55,19 @@ def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence
     raise ValueError(f"{rewards.shape} rewards for {len(prompts)} prompts")
   if buffer_size < 1 or min_count < 1:
     raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size}, {min_count}")
+  if fallback not in FALLBACKS:
+    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
   new = {p: list(v) for p, v in buffers.items()}
   prompts = np.asarray(list(prompts), dtype=object)
   advantages = np.zeros_like(rewards)
   own = 0
-  batch_mean, batch_std = rewards.mean(), rewards.std()
-  for prompt in dict.fromkeys(prompts.tolist()):
+  unique = list(dict.fromkeys(prompts.tolist()))
+  group_mean = {p: rewards[prompts == p].mean() for p in unique}
+  if fallback == "batch":
+    fallback_std = rewards.std()
+  else:
+    fallback_std = np.sqrt(np.mean([(r - group_mean[p]) ** 2 for p, r in zip(prompts, rewards)]))
+  for prompt in unique:
     where = prompts == prompt
     buffer = (new.get(prompt, []) + rewards[where].tolist())[-buffer_size:]
     new[prompt] = buffer
@@ -56,7 +75,8 @@ def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence
       mean, std = np.mean(buffer), np.std(buffer)
       own += int(where.sum())
     else:
-      mean, std = batch_mean, batch_std
+      mean = rewards.mean() if fallback == "batch" else group_mean[prompt]
+      std = fallback_std
     advantages[where] = (rewards[where] - mean) / (std + EPS)
   if clip > 0:
     advantages = np.clip(advantages, -clip, clip)

@@ -4,7 +4,9 @@ Every round the policy generates images for the held-out prompts (fixed noise), 
 independent evaluation suite (`fundax.eval`, sharing nothing with the Selector) measures:
 
   quality       mean evaluator probability that an image is of "good" EyeQ quality   (higher)
-  consistency   fraction of images whose every stated attribute the evaluator confirms (higher)
+  consistency   fraction of its prompt's stated attributes the evaluator confirms in an
+                image, averaged over images (partial credit: an all-or-nothing score is 0
+                for every round of a small model and tells the guard nothing)  (higher)
   domain_fd     Fréchet distance to phantom reference images, evaluator features     (lower)
   diversity     mean MS-SSIM between samples of the same prompt                       (lower)
   privacy       fraction of images flagged as near-copies of the pre-training images  (lower)
@@ -66,7 +68,7 @@ class HeldoutEvaluator:
     proba = evaluator_lib.predict_proba(self.evaluator.model, self.evaluator.params,
                                         self.evaluator.prepare(images))
     predictions = self.evaluator.predict(images)
-    agree = consistency_lib.consistency(list(prompts), predictions)["all_stated_agree"]
+    agree = consistency_lib.consistency(list(prompts), predictions)["stated_agree_fraction"]
     div = ssim.diversity_by_prompt(images, list(prompts))
     audit = privacy.audit(images, self.training_images, features, self._training_features,
                           pixel_threshold=self.pixel_threshold,

@@ -93,6 +93,9 @@ def check_config(config: ml_collections.ConfigDict, *, need_selector: bool = Tru
     errors.append("stage iterations must be >= 0")
   if not 0 < config.stage1.timestep_fraction <= 1:
     errors.append("stage1.timestep_fraction must be in (0, 1]")
+  if config.stage1.advantage_fallback not in advantages_lib.FALLBACKS:
+    errors.append(f"stage1.advantage_fallback must be one of {advantages_lib.FALLBACKS}, got "
+                  f"{config.stage1.advantage_fallback!r}")
   if config.stage2.temperature <= 0:
     errors.append("stage2.temperature must be > 0")
   if not 0 < config.stage2.pretrain_batch_size <= config.stage2.pretrain_pool:
@@ -250,7 +253,8 @@ def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
     rewards_seen.append(rewards)
     adv, extras["tracker"], info = advantages_lib.compute_advantages(
         extras["tracker"], texts, rewards, buffer_size=c.stage1.buffer_size,
-        min_count=c.stage1.min_count, clip=c.stage1.advantage_clip)
+        min_count=c.stage1.min_count, clip=c.stage1.advantage_clip,
+        fallback=c.stage1.advantage_fallback)
     batch = {**loop.shard({"latents": ro.latents, "log_probs": ro.log_probs}, axis=1),
              **loop.shard({"advantages": adv, "cond": ro.cond, "uncond": ro.uncond}),
              "timesteps": ro.timesteps, "prev_timesteps": ro.prev_timesteps,
@@ -366,7 +370,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
 
   Returns:
     Output name -> path or figure: workdir, checkpoints, best_checkpoint, metrics, report
-    files, best_round, stopped, reward_before/after, accepted_fraction, held-out metrics.
+    files, best_round, stopped, accepted_fraction, and the Selector reward, composite and
+    held-out metrics before any update (`*_before`), after the last round (`*_after`) and of
+    the kept round (`*_kept`, the model in `best/`).
   """
   check_config(config, need_selector=reward_fn is None, need_evaluator=heldout_fn is None)
   if config.feedback.retrain_selector and reward_fn is not None:
@@ -482,4 +488,6 @@ def _outputs(loop: Loop, workdir: pathlib.Path, extras, writer) -> dict[str, Any
           "queries": extras["queries"], "reward_before": history[0]["reward"],
           "reward_after": last["reward"], "composite_before": history[0]["composite"],
           "composite_after": last["composite"], "accepted_fraction": fractions,
-          "heldout_before": history[0]["metrics"], "heldout_after": last["metrics"]}
+          "heldout_before": history[0]["metrics"], "heldout_after": last["metrics"],
+          "reward_kept": best["reward"], "composite_kept": best["composite"],
+          "heldout_kept": best["metrics"]}

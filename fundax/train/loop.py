@@ -344,13 +344,21 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
 
 
 def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: LoopResult,
-            samples_dir: pathlib.Path) -> dict[str, str]:
-  """What a trainer's `run` returns for the CLI to print: output name -> path (or note)."""
+            samples_dir: pathlib.Path, num_steps: int) -> dict[str, str]:
+  """What a trainer's `run` returns for the CLI to print: output name -> path (or note).
+
+  A run that ended before `num_steps` (SIGTERM, or `stop_at_step`) says so under "unfinished",
+  so that callers (the main job) do not take its checkpoint for a finished model.
+  """
   out = {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
   step = int(jax.device_get(result.state.step))
   if result.preempted:
-    out["stopped"] = f"preempted (SIGTERM) at step {step}, saved; rerun the command to resume"
+    out["unfinished"] = (f"preempted (SIGTERM) at step {step} of {num_steps}, saved; rerun the "
+                         "command to resume")
+  elif step < num_steps:
+    out["unfinished"] = (f"stopped at step {step} of {num_steps} (stop_at_step), saved; rerun "
+                         "without it to finish")
   if result.nonfinite_steps:
     out["nonfinite_steps"] = f"{result.nonfinite_steps} updates skipped (NaN/inf loss)"
   return out

@@ -18,7 +18,9 @@
 A stage is a function of the `Job` (config, workdir, and the outputs of the stages before it)
 returning a JSON-able record of its outputs (paths, key metrics). A finished stage writes
 `<workdir>/stages/<name>.json`; a rerun skips it and reads its outputs back, while a stage that
-was interrupted resumes from its own checkpoints (every trainer resumes from its workdir).
+was interrupted resumes from its own checkpoints (every trainer resumes from its workdir). A
+trainer stopped before its last step (SIGTERM: preemption) leaves its stage unmarked and the
+job stops there, so no later stage builds on a half-trained model.
 `<workdir>/summary.json` is rewritten after every stage with per-stage wall and CPU times and
 the key metrics. A new stage is a `Stage` in `STAGES`; it finds earlier outputs (the LDM
 checkpoint, the Selector, the evaluator, the RLHF-kept model) in `job.results`.
@@ -239,7 +241,8 @@ def rlhf_stage(job: Job) -> dict[str, Any]:
   keep = ("workdir", "best_checkpoint", "metrics", "report_html", "report_json", "curves",
           "curves_queries", "grid_before", "grid_after", "best_round", "rounds_done", "stopped",
           "stop_reason", "queries", "reward_before", "reward_after", "composite_before",
-          "composite_after", "accepted_fraction", "heldout_before", "heldout_after")
+          "composite_after", "accepted_fraction", "heldout_before", "heldout_after",
+          "reward_kept", "composite_kept", "heldout_kept")
   return {k: outputs[k] for k in keep}
 
 
@@ -383,7 +386,8 @@ def _key_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     r = results["rlhf"]
     out["rlhf"] = {k: r[k] for k in ("rounds_done", "best_round", "stopped", "queries",
                                      "reward_before", "reward_after", "composite_before",
-                                     "composite_after", "heldout_before", "heldout_after")}
+                                     "composite_after", "reward_kept", "composite_kept",
+                                     "heldout_before", "heldout_after", "heldout_kept")}
   if "report" in results:
     out["report"] = results["report"]["metrics"]
   return out
@@ -399,7 +403,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     stages: the stages to run, in order; None for `STAGES`.
 
   Returns:
-    Output name -> path, for the CLI to print.
+    Output name -> path, for the CLI to print; only "summary" and "stopped" when a stage ended
+    unfinished (SIGTERM or stop_at_step): it is not marked and nothing after it runs, so a
+    rerun of the same command resumes it.
   """
   stages = list(STAGES if stages is None else stages)
   check_config(config, stages)
@@ -429,6 +435,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                stage.name, time.time() - start)
       t0, cpu0 = time.time(), _cpu_seconds()
       outputs = stage.fn(job)
+      if "unfinished" in outputs:
+        # SIGTERM (preemption) or stop_at_step: the stage is not finished, so it is not marked
+        # and nothing after it runs on its half-trained model; a rerun resumes it.
+        reason = f"stage {stage.name} unfinished: {outputs['unfinished']}"
+        log.warning("%s; rerun the same command to resume", reason)
+        summary["stopped"] = reason
+        summary_path.write_text(json.dumps(summary, indent=2, default=float))
+        return {"summary": str(summary_path), "stopped": reason}
       record = {"seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
                 "load_average": os.getloadavg(), "outputs": outputs, "config": sections}
       marker.write_text(json.dumps(record, indent=2, default=float))

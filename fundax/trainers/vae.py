@@ -102,8 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     workdir: output directory; rerunning with the same one resumes from its last checkpoint.
 
   Returns:
-    Output name -> path, for the CLI to print; with "stopped" when SIGTERM ended the run
-    early (after saving a checkpoint to resume from).
+    Output name -> path, for the CLI to print; with "unfinished" when SIGTERM or
+    `stop_at_step` ended the run before `num_steps` (after saving a checkpoint to resume from).
 
   Raises:
     ValueError: an invalid config (before any compute).
@@ -194,4 +194,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     checkpoint.wait(manager)
     manager.close()
     writer.close()
-  return loop.outputs(workdir, writer, result, samples_dir)
+  return loop.outputs(workdir, writer, result, samples_dir, config.num_steps)
