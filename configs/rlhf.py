@@ -10,8 +10,9 @@ raters and Selector retraining every round), "tiny" (the tiny LDM at 32 px: 6 st
 4 candidates, 2 rounds, one batch per stage, simulated raters without retraining; a few minutes
 on a laptop CPU), "tiny_long" (the tiny LDM with 16 prompts x 4 candidates per DDPO update,
 4 updates per round, each trajectory trained on one of its 5 stochastic steps, KL weight 0.1,
-advantages within each prompt's candidates: the size at which a 2-core CPU shows the held-out
-Selector reward and the independent metrics rising together, see the README; ~15 min) and
+advantages within each prompt's candidates, 2 rounds: the size at which a 2-core CPU shows the
+held-out Selector reward and the independent metrics rising together, see the README; ~10 min)
+and
 "test" (tiny, one round, the fewest steps: unit tests).
 
 Expect in the workdir: `metrics.jsonl` (stage1: reward and advantage statistics, approx-KL,
@@ -113,5 +114,5 @@ def get_config(arg=None):
     c.stage1.inner_epochs = 1  # a second PPO epoch was ~90% clipped at clip_range 1e-4
     c.stage1.timestep_fraction = 0.2
     c.stage1.kl_weight = 0.1
-    c.stage1.advantage_fallback = "group"
+    c.stage1.advantage_fallback = "group"  # rounds 1-2 kept; a 3rd gave part of the gain back
   return c
