@@ -62,11 +62,13 @@ def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence
   advantages = np.zeros_like(rewards)
   own = 0
   unique = list(dict.fromkeys(prompts.tolist()))
-  group_mean = {p: rewards[prompts == p].mean() for p in unique}
-  if fallback == "batch":
-    fallback_std = rewards.std()
-  else:
-    fallback_std = np.sqrt(np.mean([(r - group_mean[p]) ** 2 for p, r in zip(prompts, rewards)]))
+  # The fallback's baseline for each reward (the batch mean, or its prompt's mean in this
+  # batch); its scale is the RMS deviation from that baseline (the batch std for "batch").
+  baseline = np.full_like(rewards, rewards.mean())
+  if fallback == "group":
+    for prompt in unique:
+      baseline[prompts == prompt] = rewards[prompts == prompt].mean()
+  fallback_std = np.sqrt(np.mean((rewards - baseline) ** 2))
   for prompt in unique:
     where = prompts == prompt
     buffer = (new.get(prompt, []) + rewards[where].tolist())[-buffer_size:]
@@ -75,8 +77,7 @@ def compute_advantages(buffers: Mapping[str, Sequence[float]], prompts: Sequence
       mean, std = np.mean(buffer), np.std(buffer)
       own += int(where.sum())
     else:
-      mean = rewards.mean() if fallback == "batch" else group_mean[prompt]
-      std = fallback_std
+      mean, std = baseline[where], fallback_std
     advantages[where] = (rewards[where] - mean) / (std + EPS)
   if clip > 0:
     advantages = np.clip(advantages, -clip, clip)
