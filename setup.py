@@ -68,6 +68,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fundax", "fundax.*"]),
+    # The shipped evaluators (trained by bench/judges.py --ship; see fundax/eval/evaluator_train.py).
+    package_data={"fundax.eval": ["evaluators/**/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fundax=fundax.cli:main"]},

@@ -57,6 +57,12 @@ def get_config(arg=None):
   c.unet_init = ""  # `fundax convert unet` directory: initial UNet params (params only)
   c.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf-loss (skipped) steps
 
+  # Encode every training image and caption phrasing once with the frozen VAE and text
+  # encoder (fundax.train.frozen_cache) instead of in every step; rebuilt when the data, the
+  # networks or these settings change.
+  c.cache = ml_collections.ConfigDict()
+  c.cache.enabled = not tiny  # train on the cache (the tiny test config encodes per step)
+  c.cache.dir = ""  # where caches live ("" = <workdir>/cache), one subdirectory per key
   c.text_encoder = "minilm"  # text encoder spec: minilm, random, a local dir or a hub id
   # configs/vae.py run (workdir or checkpoints dir) or `fundax convert vae` dir; "" = fresh VAE.
   c.vae_checkpoint = ""
@@ -74,6 +80,9 @@ def get_config(arg=None):
   c.unet.attention_head_dim = 2 if tiny else 8  # heads per attention (diffusers' naming)
   c.unet.norm_num_groups = 8 if tiny else 32  # GroupNorm groups
   c.unet.prediction_type = "epsilon"  # what the UNet predicts: epsilon or v_prediction
+  # conv_in also reads x/y coordinate channels, so the text can place the optic disc
+  # (fundax only: such a UNet has no diffusers export)
+  c.unet.coordinate_input = False
   c.unet.text_mask = True  # cross-attention ignores padding tokens
   c.unet.remat = base  # rematerialise blocks in the backward pass (saves memory)
   # How the UNet computes (same parameters, same maths; fundax.models.lowering): attention
@@ -93,6 +102,9 @@ def get_config(arg=None):
   c.scheduler.beta_start = 0.00085  # first beta
   c.scheduler.beta_end = 0.012  # last beta
   c.scheduler.rescale_betas_zero_snr = False  # zero terminal SNR (use with v_prediction)
+  # Sampler timesteps: "" (each sampler's diffusers default), "leading", "trailing" (starts at
+  # t = N - 1: what zero terminal SNR needs) or "linspace".
+  c.scheduler.timestep_spacing = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.caption_dropout = 0.1  # probability of training on the empty prompt (for CFG)

@@ -169,9 +169,11 @@ def cmd_evaluate(args, overrides):
       num_heldout=args.num_heldout,
       config={"samples_per_prompt": args.samples_per_prompt, "num_steps": args.num_steps,
               "guidance_scale": args.guidance_scale, "seed": args.seed})
-  for metric, value, source in results["table"]:
-    print(f"{metric}: {value:.4g} ({source})" if isinstance(value, float) else
-          f"{metric}: {value} ({source})")
+  print("metric: generated | phantoms (floor / ceiling) | negative control")
+  for row in results["table"]:
+    print(f"{row['metric']}: {row['generated']:.4g} | {row['phantoms']:.4g} | "
+          f"{row['control']:.4g} ({row['control_set']}"
+          f"{'' if row['separated'] else ', NOT separated'}; {row['measured_by']})")
   print(f"metrics: {results['metrics_json']}\nreport: {results['report']}")
 
 

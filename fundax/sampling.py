@@ -200,8 +200,7 @@ def make_generate_fn(models: Models, *, sampler: str = "ddim", num_steps: int = 
 
 def models_to_config(models: Models) -> dict[str, Any]:
   """The JSON-able description of `models` that a checkpoint stores (no params)."""
-  unet_config = models.unet.config.to_diffusers()
-  unet_config["prediction_type"] = models.prediction_type
+  unet_config = models.unet.config.to_checkpoint()
   return {
       "unet": unet_config,
       "vae": models.vae.config.to_diffusers(),

@@ -15,6 +15,7 @@ from fundax import sampling
 from fundax.data import captions
 from fundax.data import phantom
 from fundax.data import tokenizer as tokenizer_lib
+from fundax.eval import c2st
 from fundax.eval import evaluator as ev
 from fundax.eval import run
 from fundax.eval import utility
@@ -85,6 +86,8 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
   # A few steps of a narrow TSTR classifier: its learning is tested in test_eval_utility.py.
   monkeypatch.setattr(utility, "DEFAULTS", {**utility.DEFAULTS, "width": 8,
                                             "stage_sizes": (1,), "steps": 3, "batch_size": 4})
+  monkeypatch.setattr(c2st, "DEFAULTS", {**c2st.DEFAULTS, "width": 8,
+                                         "stage_sizes": (1,), "steps": 3, "batch_size": 4})
   out = tmp_path / "out"
   assert cli.main(["evaluate", "--checkpoint", ldm_checkpoint, "--evaluator", evaluator_dir,
                    "--selector", "/selector/run", "--prompts", str(tmp_path / "prompts.txt"),
@@ -101,13 +104,15 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
   assert scored == [("/selector/run", [str(p) for p in samples],
                      [prompts[0]] * 2 + [prompts[1]] * 2)]
   assert metrics["selector"]["scores"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
-  assert set(metrics["diversity"]) == set(prompts)
+  assert set(metrics["diversity_by_prompt"]) == set(prompts)
   assert metrics["consistency"]["dr_grade"]["n"] == 4
   assert np.sum(metrics["consistency"]["laterality"]["confusion"]) == 4
-  assert set(metrics["utility"]) == {"synthetic", "synthetic+real"}
+  assert set(metrics["utility"]) == {"synthetic", "synthetic+real", "real", "shuffled labels"}
   assert metrics["utility"]["synthetic"]["n"] == 4
   assert len(metrics["privacy"]["pixel_rms"]) == 4
   assert all(np.isfinite(metrics["fidelity"][k]) for k in ("frechet_distance", "kid"))
+  # Every table row carries its floor (phantoms) and negative control beside the value.
+  assert all({"generated", "phantoms", "control"} <= set(row) for row in metrics["table"])
   html = (out / "report.html").read_text()
   assert "SYNTHETIC IMAGES" in html and "Selector score" in html
   assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'src="([^"]*)"', html))

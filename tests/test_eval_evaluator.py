@@ -25,11 +25,13 @@ def test_features_and_predictions_shapes_and_codes(tiny):
   model, params = tiny
   images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
   feats = ev.features(model, params, images)
-  assert feats.shape == (5, 32)  # width 8, doubled once; average and max pooled
+  # Width 8, doubled once, average and max pooled (32), and the first stage's mean and std (16).
+  assert feats.shape == (5, 48)
   pred = ev.predict(model, params, images)
-  assert set(pred) == set(ev.HEADS)
+  assert set(pred) == set(ev.HEADS) | {"glaucoma"}  # glaucoma is read off the CDR
   assert pred["dr_grade"].shape == (5,) and pred["dr_grade"].max() < 5
   assert np.all((pred["cdr"] >= 0) & (pred["cdr"] <= 1))
+  np.testing.assert_array_equal(pred["glaucoma"], pred["cdr"] >= ev.GLAUCOMA_CDR)
   # Padded batches give the same answers as one exact batch.
   np.testing.assert_allclose(ev.features(model, params, images, batch_size=2), feats, atol=1e-5)
 
@@ -43,7 +45,7 @@ def test_save_load_round_trip(tiny, tmp_path):
                              atol=1e-6)
   # Other sizes are resized to the evaluator's resolution; uint8 is accepted.
   big = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-  assert loaded.features(big).shape == (2, 32)
+  assert loaded.features(big).shape == (2, 48)
   assert json.loads((tmp_path / "ev" / "config.json").read_text())["kind"] == "evaluator"
   with pytest.raises(ValueError, match="expected 'vae'"):
     params_io.load_params(tmp_path / "ev", expected_kind="vae")
@@ -51,12 +53,13 @@ def test_save_load_round_trip(tiny, tmp_path):
 
 def test_targets_from_labels_codes():
   from fundax.data import labels as labels_lib
-  labels = [labels_lib.FundusLabels(laterality="left", quality="reject", dr_grade=3, dme=True,
-                                    cdr=0.4, amd_stage=1, hypertensive_grade=2)]
+  labels = [labels_lib.FundusLabels(laterality="left", field="disc", quality="reject",
+                                    dr_grade=3, dme=True, cdr=0.4, amd_stage=1,
+                                    hypertensive_grade=2)]
   t = ev.targets_from_labels(labels)
   assert {k: v[0].item() for k, v in t.items()} == pytest.approx(
       {"dr_grade": 3, "dme": 1, "cdr": 0.4, "amd_stage": 1, "hypertensive_grade": 2,
-       "quality": 2, "laterality": 1})
+       "quality": 2, "laterality": 1, "field": 1})
   with pytest.raises(ValueError, match="amd_stage"):
     ev.targets_from_labels([labels_lib.FundusLabels(dr_grade=1)], heads=("amd_stage",))
 
@@ -131,9 +134,30 @@ def test_head_metrics_hand_case():
   # QWK by hand: O = {(0,0): 2, (0,2): 1, (1,1): 1, (2,0): 1}, rows (3, 1, 1), columns
   # (3, 1, 1); weights (i - j)^2 / 16; sum(W O) = 2 * 4/16 = 0.5; E = rows x columns / 5,
   # sum(W E) = (2 * 3 + 2 * 12 + 2 * 1) / 80 = 0.4 -> kappa = 1 - 0.5 / 0.4 = -0.25.
+  # Referable DR (grade >= 2): the one referable eye scores p(>= 2) = 0, tied with three of
+  # the four others and below 0.7 -> 1.5 / 4. Glaucoma (true CDR >= 0.65): the glaucomatous
+  # disc's predicted CDR 0.5 beats the other's 0.3 -> 1.
   assert out == pytest.approx({"dr_grade_accuracy": 0.6, "dr_grade_majority": 0.6,
                                "dr_grade_qwk": -0.25, "dr_grade_auroc": 4.5 / 6,
+                               "referable_dr_auroc": 1.5 / 4, "glaucoma_auroc": 1.0,
                                "cdr_mae": 0.125, "cdr_accuracy": 0.5})
+
+
+def test_head_metrics_laterality_on_macula_centred_eyes_only():
+  out = evaluator_train.head_metrics(
+      {"laterality": np.array([0, 1, 1, 0]), "field": np.array([0, 0, 1, 1])},
+      {"laterality": np.array([0, 1, 0, 1]), "field": np.array([0, 0, 1, 1])})
+  assert out["laterality_accuracy"] == 0.5  # both disc-centred eyes read wrong
+  assert out["laterality_macula_accuracy"] == 1.0
+  assert out["field_accuracy"] == 1.0
+
+
+def test_readable_attributes_need_their_bar():
+  heldout = {"laterality_accuracy": 0.999, "field_accuracy": 0.99, "quality_qwk": 0.85,
+             "dr_grade_qwk": 0.45, "dme_auroc": 0.9, "amd_stage_auroc": float("nan"),
+             "glaucoma_auroc": 0.8}
+  assert ev.readable_attributes(heldout) == ("laterality", "field", "quality", "dme",
+                                             "glaucoma")
 
 
 def test_balanced_class_weights_and_weighted_loss(tiny):
@@ -219,3 +243,88 @@ def test_evaluator_draws_no_image_the_selector_or_the_generator_learns_from(vari
       (ldm.num_train, ldm.num_validation, ldm.num_test))]
   for other in theirs:
     assert max(ours.start, other.start) >= min(ours.stop, other.stop), (ours, other)
+
+
+# Why the tiny evaluator of 2026-12-06 read phantoms below the majority rate, one hypothesis
+# per test. Its heads had not learnt (losses still at ln K after 150 steps of a full-resolution
+# width-16 stem), and inverse-frequency class weights spread an unlearnt head's guesses over
+# every class, which puts its accuracy near 1/K, below the majority rate (README, Evaluation).
+
+
+def test_laterality_and_field_targets_follow_the_pixels():
+  """Not misaligned labels: the laterality target is the side the disc is drawn on, also for
+  a mirrored image with its labels flipped (the pipeline's laterality-aware flip)."""
+  from fundax.data import phantom
+  from fundax.eval import anatomy_checks
+  for i, eye in enumerate(("right", "left") * 3):
+    sample = phantom.generate(321_000 + i, 64, laterality=eye, field="macula", quality="good")
+    for image, labels in ((sample.image, sample.labels),
+                          (sample.image[:, ::-1], sample.labels.flipped())):
+      t = ev.targets_from_labels([labels])
+      side = anatomy_checks.disc_side(image)
+      assert t["laterality"][0] == ("right", "left").index(side)
+      assert t["field"][0] == 0
+
+
+def test_a_short_run_of_the_recipe_reads_laterality_and_field():
+  """Not an unlearnable task or a wrong axis: 200 steps of the patchify-stem recipe on 256
+  phantoms read eye and field on held-out phantoms far above the majority rate."""
+  x, labels = evaluator_train.phantom_set(256, 64, 123_000, balance=False, show_progress=False)
+  xt, labels_t = evaluator_train.phantom_set(64, 64, 124_000, balance=False,
+                                             show_progress=False)
+  heads = {"laterality": 2, "field": 2}
+  y = ev.targets_from_labels(labels, heads)
+  model = ev.make_model({"width": 16, "stage_sizes": (1, 1, 1), "heads": heads,
+                         "contrast": False, "max_pool": True, "stem_stride": 4})
+  state = evaluator_train.fit(model, ev.init_params(model, jax.random.key(0), 64),
+                              {"lr": 3e-3, "total_steps": 200, "warmup_steps": 10}, x, y,
+                              steps=200, batch_size=32, seed=0)
+  scores = evaluator_train.head_metrics(ev.predict(model, state.params, xt),
+                                        ev.targets_from_labels(labels_t, heads))
+  assert scores["laterality_macula_accuracy"] >= 0.9
+  assert scores["field_accuracy"] >= 0.9 > scores["field_majority"]
+  assert scores["laterality_accuracy"] > scores["laterality_majority"] + 0.2
+
+
+def test_balanced_weights_put_an_unlearnt_head_below_the_majority_rate():
+  """What the class weights do to a head that has learnt nothing: with the balanced loss its
+  optimum is a uniform guess (accuracy ~1/K); with plain cross-entropy it is the majority."""
+  import jax.numpy as jnp
+  import optax
+  targets = np.array([0] * 70 + [1] * 10 + [2] * 10 + [3] * 5 + [4] * 5)
+  w = evaluator_train.balanced_class_weights({"dr_grade": targets}, {"dr_grade": 5})["dr_grade"]
+
+  def best_constant_logits(weights):
+    loss = lambda z: (weights[targets] * optax.softmax_cross_entropy_with_integer_labels(
+        jnp.broadcast_to(z, (len(targets), 5)), targets)).sum() / weights[targets].sum()
+    z = np.zeros(5, np.float32)
+    for _ in range(300):
+      z = z - 1.0 * np.asarray(jax.grad(loss)(z))
+    return np.asarray(jax.nn.softmax(z))
+
+  balanced = best_constant_logits(w)
+  plain = best_constant_logits(np.ones(5, np.float32))
+  np.testing.assert_allclose(balanced, 0.2, atol=0.01)  # every class equally likely
+  assert plain.argmax() == 0 and plain[0] == pytest.approx(0.7, abs=0.01)
+
+
+def test_the_quickstart_evaluator_ships_and_is_found_by_its_recipe(tmp_path):
+  """The main job reuses the evaluator trained from configs/evaluator.py:tiny (bench/judges.py
+  --ship): found by the recipe's key, whatever its logging settings; another recipe is not."""
+  config = configlib.load_config("configs/evaluator.py:tiny")
+  config.log_every, config.data.num_workers = 7, 0  # not part of the recipe
+  workdir, outputs = evaluator_train.find_run(config, tmp_path)
+  assert workdir.parent == evaluator_train.SHIPPED and outputs is not None
+  stated = json.loads((workdir / "heldout.json").read_text())
+  evaluator = ev.load_evaluator(outputs["evaluator_dir"])
+  assert evaluator.resolution == 64 and evaluator.heldout == stated
+  # Its weights are the trained ones: the eye of a few held-out macula-centred phantoms.
+  from fundax.data import phantom
+  eyes = ("right", "left") * 4
+  images = np.stack([phantom.generate(777_000 + i, 64, laterality=eye, field="macula",
+                                      quality="good").image for i, eye in enumerate(eyes)])
+  read = evaluator.predict(images)["laterality"]
+  assert [("right", "left")[i] for i in read] == list(eyes)
+  config.optim.total_steps += 1
+  workdir, outputs = evaluator_train.find_run(config, tmp_path)
+  assert workdir.parent == tmp_path and outputs is None

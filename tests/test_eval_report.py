@@ -3,80 +3,115 @@
 import json
 import re
 
-import jax
 import numpy as np
 import pytest
 
+from fundax import configlib
 from fundax.data import captions
 from fundax.data import labels as labels_lib
 from fundax.data import phantom
-from fundax.eval import evaluator as ev
+from fundax.eval import evaluator_train
 from fundax.eval import run
-
-CONFIG = {"width": 8, "stage_sizes": (1, 1), "heads": ev.HEADS, "contrast": True,
-          "max_pool": True, "resolution": 64}
-
 
 @pytest.fixture(scope="module")
 def evaluator_dir(tmp_path_factory):
-  # An untrained evaluator is enough to exercise the pipeline; its accuracy is not tested here.
-  directory = tmp_path_factory.mktemp("ev") / "evaluator"
-  model = ev.make_model(CONFIG)
-  ev.save_evaluator(directory, ev.init_params(model, jax.random.key(0), 64), CONFIG)
-  return str(directory)
+  """The Quickstart's evaluator (shipped, trained by bench/judges.py): the judge whose
+  readings the report's rows are."""
+  config = configlib.load_config("configs/evaluator.py:tiny")
+  _, outputs = evaluator_train.find_run(config, tmp_path_factory.mktemp("cache"))
+  assert outputs is not None, "the shipped 64 px evaluator is missing (bench/judges.py --ship)"
+  return outputs["evaluator_dir"]
 
 
-def _stand_ins():
-  """Two prompts x 3 phantom 'samples' each, plus 10 reference phantoms with other seeds."""
-  asks = [labels_lib.FundusLabels(laterality="right", field="macula", dr_grade=2),
-          labels_lib.FundusLabels(laterality="left", field="macula", dr_grade=0)]
+def _stand_ins(per_prompt=4):
+  """Phantom 'samples' for four prompts (both eyes, both fields), and reference phantoms."""
+  asks = [labels_lib.FundusLabels(laterality="right", field="macula", quality="good",
+                                  dr_grade=2),
+          labels_lib.FundusLabels(laterality="left", field="macula", quality="good",
+                                  dr_grade=0),
+          labels_lib.FundusLabels(laterality="right", field="disc", quality="good",
+                                  dr_grade=0),
+          labels_lib.FundusLabels(laterality="left", field="disc", quality="usable",
+                                  dr_grade=3)]
   images, prompts = [], []
   for a, ask in enumerate(asks):
-    for k in range(3):
+    for k in range(per_prompt):
       sample = phantom.generate(100 * a + k, 64, laterality=ask.laterality, field=ask.field,
-                                dr_grade=ask.dr_grade)
+                                quality=ask.quality, dr_grade=ask.dr_grade)
       images.append(sample.image)
       prompts.append(captions.caption(ask))
-  reference = [phantom.generate(1000 + i, 64) for i in range(10)]
+  reference = [phantom.generate(1000 + i, 64) for i in range(24)]
   return np.stack(images), prompts, reference
 
 
-def test_evaluate_on_phantom_stand_ins(evaluator_dir, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(evaluator_dir, tmp_path_factory):
+  """`evaluate` on phantom stand-ins (one planted copy of a reference image)."""
+  out_dir = tmp_path_factory.mktemp("report")
   images, prompts, reference = _stand_ins()
   ref_images = np.stack([r.image for r in reference])
-  images[4] = ref_images[6]  # a planted copy of a "training" image
+  images[5] = ref_images[6]  # a planted copy of a "training" image
   heldout = [phantom.generate(2000 + i, 64) for i in range(8)]
   out = run.evaluate(
       images, prompts, evaluator_dir=evaluator_dir, reference_images=ref_images,
-      out_dir=str(tmp_path / "report"), reference_labels=[r.labels for r in reference],
+      out_dir=str(out_dir), reference_labels=[r.labels for r in reference],
       heldout_images=np.stack([h.image for h in heldout]).astype(np.float32) / 127.5 - 1,
-      heldout_labels=[h.labels for h in heldout], selector_scores=np.linspace(0, 1, 6),
-      config={"kid_subsets": 5, "utility": {"width": 8, "stage_sizes": (1,), "steps": 3,
-                                            "batch_size": 4}},
+      heldout_labels=[h.labels for h in heldout], selector_scores=np.linspace(0, 1, 16),
+      config={"kid_subsets": 5, "utility": {"steps": 3, "batch_size": 4},
+              "c2st": {"steps": 100}},
       note="phantom images standing in for generated ones")
+  return out, out_dir, prompts
 
-  metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-  assert metrics["privacy"]["flagged"] == [False] * 4 + [True, False]
-  assert metrics["privacy"]["closest_pairs"][0][:2] == [4, 6]
-  assert set(metrics["diversity"]) == set(prompts)
-  assert metrics["consistency"]["dr_grade"]["n"] == 6
-  assert metrics["consistency"]["laterality"]["n"] == 6
-  # Phantom discs sit where the laterality says, except in the planted (random) copy.
-  assert metrics["anatomy"]["disc_side"]["n"] == 6
-  assert metrics["anatomy"]["disc_side"]["accuracy"] >= 5 / 6
-  assert set(metrics["utility"]) == {"synthetic", "synthetic+real"}
+
+def test_evaluate_on_phantom_stand_ins(evaluated):
+  out, out_dir, prompts = evaluated
+  metrics = json.loads((out_dir / "metrics.json").read_text())
+  flagged = metrics["privacy"]["flagged"]
+  assert flagged[5] and sum(flagged) == 1
+  assert metrics["privacy"]["closest_pairs"][0][:2] == [5, 6]
+  assert set(metrics["diversity_by_prompt"]) == set(prompts)
+  assert metrics["consistency"]["dr_grade"]["n"] == 16
+  assert metrics["consistency"]["laterality"]["n"] == 16
+  # Attributes count in consistency exactly when the evaluator reads them reliably.
+  assert "field" in metrics["readable"]
+  for name, entry in metrics["consistency"].items():
+    if isinstance(entry, dict):
+      assert entry["scored"] == (name in metrics["readable"]), name
+  # Phantom discs (foveae) sit where the laterality says, except in the planted copy.
+  assert metrics["anatomy"]["laterality"]["n"] == 16
+  assert metrics["anatomy"]["laterality"]["accuracy"] >= 15 / 16
+  assert set(metrics["utility"]) == {"synthetic", "synthetic+real", "real", "shuffled labels"}
   assert metrics["selector"]["mean"] == pytest.approx(0.5)
-  assert -1 <= metrics["selector"]["spearman_vs_consistency"] <= 1 or np.isnan(
-      metrics["selector"]["spearman_vs_consistency"])
+  assert set(metrics["selector"]["spearman"]) >= {"share of stated attributes confirmed",
+                                                  "vessel fraction"}
   assert np.isfinite(metrics["fidelity"]["frechet_distance"])
+  assert 0 <= metrics["c2st"]["generated"]["ci95"][0] <= metrics["c2st"]["generated"][
+      "accuracy"] <= metrics["c2st"]["generated"]["ci95"][1] <= 1
+  assert metrics["evaluator_heldout"]["laterality_accuracy"] > 0.8
 
-  html = (tmp_path / "report" / "report.html").read_text()
+  html = (out_dir / "report.html").read_text()
   assert out["report"].endswith("report.html")
-  assert "SYNTHETIC IMAGES" in html and "Selector" in html
+  assert "SYNTHETIC IMAGES" in html and "Selector" in html and "negative control" in html
   srcs = re.findall(r'src="([^"]*)"', html)
   assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
-  # 2 prompt grids + 2 confusion plots at least + privacy pairs + 2 histograms.
-  assert len(srcs) >= 2 + 2 + 1 + 2
+  # 4 prompt grids + 2 confusion plots at least + privacy pairs + 2 histograms.
+  assert len(srcs) >= 4 + 2 + 1 + 2
+
+
+def test_every_metric_separates_its_negative_control(evaluated):
+  """Each figure's control (blurred, mirrored, shifted prompts, collapsed, noisy copies)
+  scores clearly worse than real phantoms, on 16 images: the metrics can tell real from
+  broken. (TSTR cannot learn a grade from 16 images; its rows are checked at report scale.)"""
+  out, _, _ = evaluated
+  rows = {r["metric"]: r for r in out["table"]}
+  assert len(rows) == len(out["table"])
+  checked = [r for name, r in rows.items() if not name.startswith("TSTR")
+             and "not read reliably" not in name]
+  # FD, KID, precision, recall, C2ST, MS-SSIM, consistency (and the field row), laterality,
+  # vessel ratio, near-copies.
+  assert len(checked) >= 11
+  failures = {r["metric"]: (r["phantoms"], r["control"]) for r in checked if not r["separated"]}
+  assert not failures
 
 
 def test_evaluate_rejects_mismatched_prompts(evaluator_dir, tmp_path):

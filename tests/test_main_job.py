@@ -42,7 +42,9 @@ def test_every_stage_ran_and_summary_has_times(job):
   assert outputs["summary"] == str(workdir / "summary.json")
   metrics = summary["metrics"]
   assert np.isfinite(metrics["ldm_train_loss"]) and "psnr" in " ".join(metrics["vae_eval"])
-  assert "consistency: dr_grade accuracy" in metrics["report"]
+  assert any(name.startswith("consistency: dr_grade accuracy") for name in metrics["report"])
+  fd = metrics["report"]["Fréchet distance (evaluator features)"]
+  assert set(fd) == {"generated", "phantoms", "control"}  # every figure beside its references
 
 
 def test_trainers_wrote_checkpoints_on_one_dataset(job):
@@ -80,7 +82,8 @@ def test_grid_prompts_state_grade_and_eye():
 def test_report_names_metrics_and_selector(job):
   config, workdir, _ = job
   html = (workdir / "report" / "report.html").read_text(encoding="utf-8")
-  for name in ("Fréchet distance", "KID", "MS-SSIM", "consistency", "Selector"):
+  for name in ("Fréchet distance", "KID", "MS-SSIM", "consistency", "Selector", "C2ST",
+               "negative control", "held-out phantoms"):
     assert name in html
   metrics = json.loads((workdir / "report" / "metrics.json").read_text())
   r = config.report

@@ -350,3 +350,23 @@ def test_unsupported_diffusers_option_is_rejected():
   # params_io stores configs as JSON next to the params.
   as_json = json.loads(json.dumps(dataclasses.asdict(config)))
   assert unet.UNetConfig(**as_json) == config
+
+
+def test_coordinate_input_locates_the_network_and_has_no_diffusers_form():
+  config = unet.UNetConfig(**SD1, coordinate_input=True)
+  params = unet.abstract_params(config)
+  assert params["conv_in"]["kernel"].shape[2] == SD1["in_channels"] + 2
+  model = unet.UNet2DConditionModel(config)
+  sample, t, context = unet.dummy_inputs(config)
+  params = model.init(jax.random.key(0), sample, t, context)["params"]
+  # conv_in reads the coordinates: zeroing their kernel taps changes the output.
+  ones = jnp.ones((1, 16, 16, 4))
+  out = np.asarray(model.apply({"params": params}, ones, t, context))
+  kernel = params["conv_in"]["kernel"].at[:, :, 4:].set(0.0)
+  blind = {**params, "conv_in": {**params["conv_in"], "kernel": kernel}}
+  assert np.abs(out - np.asarray(model.apply({"params": blind}, ones, t, context))).max() > 1e-3
+  np.testing.assert_array_equal(unet.coordinate_channels(ones)[0, 0, [0, -1], 0], [-1.0, 1.0])
+  # Checkpoints keep the field; a diffusers export refuses rather than drop the channels.
+  assert unet.UNetConfig.from_diffusers(config.to_checkpoint()) == config
+  with pytest.raises(ValueError, match="coordinate_input"):
+    config.to_diffusers()

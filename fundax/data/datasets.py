@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pathlib
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -214,3 +215,18 @@ def stats_from_config(data_config) -> dict[str, Any]:
   """`stats` for the dataset a job config's `data` section describes."""
   name, kw = _config_kwargs(data_config)
   return stats(name, data_config.data_dir, **kw)
+
+
+def split_files(data_config, split: str) -> list[pathlib.Path]:
+  """The files holding one split of a built dataset (plus its dataset_info.json), sorted.
+
+  What a cache of that split's contents (`fundax.train.frozen_cache`) is fingerprinted by:
+  rebuilding the dataset with other images or labels changes them.
+  """
+  name, kw = _config_kwargs(data_config)
+  builder = _prepared(name, data_config.data_dir, None, **kw)
+  directory = pathlib.Path(builder.data_dir)
+  files = sorted(directory.glob(f"*-{split}.array_record*"))
+  if not files:
+    raise FileNotFoundError(f"no {split!r} split files of {name} in {directory}")
+  return files + [directory / "dataset_info.json"]

@@ -23,6 +23,7 @@ from fundax.diffusion import dpm_solver
 from fundax.diffusion import steps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' default timestep_spacing per scheduler.
 _DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpm_solver": "linspace"}
 

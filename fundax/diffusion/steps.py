@@ -118,7 +118,9 @@ def ddim_moments(schedule, model_output, t, t_prev, x_t, eta, prediction_type="e
   beta_prod_prev = 1 - abar_prev
   variance = (beta_prod_prev / beta_prod_t) * (1 - abar_t / abar_prev)
   std = jnp.asarray(eta, jnp.float32) * variance**0.5
-  direction = (1 - abar_prev - std**2)**0.5 * pred_eps
+  # 1 - abar_prev - std^2 is exactly 0 at eta = 1 on a zero-terminal-SNR schedule's first
+  # step (abar_t = 0) and rounds to -6e-8 in float32: clamp, or the sample is NaN.
+  direction = jnp.maximum(1 - abar_prev - std**2, 0.0)**0.5 * pred_eps
   mean = abar_prev**0.5 * pred_x0 + direction
   return mean, std, pred_x0
 

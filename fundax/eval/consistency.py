@@ -9,7 +9,7 @@ weighted kappa (Cohen 1968) and a tie-aware AUROC.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -18,8 +18,9 @@ from fundax.data import labels as labels_lib
 
 # Attribute -> number of classes, for the categorical attributes scored with a confusion matrix.
 CLASSES = {"dr_grade": 5, "dme": 2, "amd_stage": 4, "hypertensive_grade": 5, "quality": 3,
-           "laterality": 2}
+           "laterality": 2, "field": 2, "glaucoma": 2}
 ORDINAL = ("dr_grade", "amd_stage", "hypertensive_grade", "quality")
+REFERABLE_DR_GRADE = 2  # ICDR moderate NPDR or worse is referable
 CDR_TOLERANCE = 0.1  # a predicted cup-to-disc ratio within this of the prompt's counts as agreeing
 
 
@@ -30,6 +31,8 @@ def label_code(name: str, labels: labels_lib.FundusLabels):
     return None
   if name == "laterality":
     return labels_lib.LATERALITIES.index(value)
+  if name == "field":
+    return labels_lib.FIELDS.index(value)
   if name == "quality":
     return labels_lib.QUALITIES.index(value)
   if name == "cdr":
@@ -106,22 +109,26 @@ def agreement(y_true, y_pred, num_classes: int, ordinal: bool) -> dict:
   return out
 
 
-def consistency(prompts: Sequence[str], predictions: Mapping[str, np.ndarray]) -> dict:
+def consistency(prompts: Sequence[str], predictions: Mapping[str, np.ndarray],
+                scored: Collection[str] | None = None) -> dict:
   """Per-attribute agreement between what the prompts ask for and what the evaluator sees.
 
   Args:
     prompts: N prompt strings.
     predictions: attribute -> [N] predicted codes (as `evaluator.predict` returns: class
       indices for categorical attributes, floats for "cdr").
+    scored: the attributes that count in the per-image and overall agreement (those the
+      evaluator reads reliably at this resolution, `Evaluator.readable`); the others are
+      still measured and reported, marked "scored": False. None: all.
 
   Returns:
-    attribute -> {"n", "accuracy", "confusion" [K][K], "qwk" (ordinal only)}, and for "cdr"
-    {"n", "mae", "accuracy" (within CDR_TOLERANCE)}; attributes no prompt states are absent.
-    "per_image_agree" [N] says whether each image agrees on every attribute its prompt states,
-    and "all_stated_agree" is its mean; "per_image_fraction" [N] is the fraction of each
-    image's stated attributes confirmed (NaN where its prompt states none), and
-    "stated_agree_fraction" its mean over the images with a statement (partial credit: it
-    still moves when few images get every attribute right).
+    attribute -> {"n", "accuracy", "confusion" [K][K], "qwk" (ordinal only), "scored"}, and for
+    "cdr" {"n", "mae", "accuracy" (within CDR_TOLERANCE), "scored"}; attributes no prompt
+    states are absent. "per_image_agree" [N] says whether each image agrees on every scored
+    attribute its prompt states, and "all_stated_agree" is its mean; "per_image_fraction" [N]
+    is the fraction of each image's stated, scored attributes confirmed (NaN where its prompt
+    states none), and "stated_agree_fraction" its mean over the images with a statement
+    (partial credit: it still moves when few images get every attribute right).
   """
   asked = [captions.parse_caption(p) for p in prompts]
   report = {}
@@ -143,6 +150,9 @@ def consistency(prompts: Sequence[str], predictions: Mapping[str, np.ndarray]) -
     else:
       ok = got == want
       report[name] = agreement(want, got, CLASSES[name], name in ORDINAL)
+    report[name]["scored"] = scored is None or name in scored
+    if not report[name]["scored"]:
+      continue
     all_ok[idx] &= ok
     stated[idx] += 1
     confirmed[idx] += ok

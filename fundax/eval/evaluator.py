@@ -46,8 +46,24 @@ from fundax.interop import params_io
 KIND = "evaluator"
 # Head name -> outputs: class count for categorical heads, 1 for the cup-to-disc regression.
 HEADS = {"dr_grade": 5, "dme": 2, "cdr": 1, "amd_stage": 4, "hypertensive_grade": 5,
-         "quality": 3, "laterality": 2}
+         "quality": 3, "laterality": 2, "field": 2}
 REGRESSION_HEADS = ("cdr",)
+GLAUCOMA_CDR = 0.65  # a predicted CDR at least this reads as a glaucomatous disc (the phantom's)
+# The held-out score (heldout.json key, bar) an attribute's reading must reach to count in
+# prompt consistency at the evaluator's resolution: clearly better than a constant guess.
+# Below it (e.g. hypertensive signs that are sub-pixel at 64 px) the attribute is still
+# measured and shown, but not scored, so consistency does not count noise.
+READABLE = {"laterality": ("laterality_accuracy", 0.9), "field": ("field_accuracy", 0.9),
+            "quality": ("quality_qwk", 0.6), "dr_grade": ("dr_grade_qwk", 0.5),
+            "dme": ("dme_auroc", 0.75), "amd_stage": ("amd_stage_auroc", 0.75),
+            "hypertensive_grade": ("hypertensive_grade_auroc", 0.75),
+            "glaucoma": ("glaucoma_auroc", 0.75), "cdr": ("cdr_accuracy", 0.75)}
+
+
+def readable_attributes(heldout: Mapping[str, float]) -> tuple[str, ...]:
+  """The attributes whose held-out score meets its READABLE bar (a missing score fails)."""
+  return tuple(name for name, (key, bar) in READABLE.items()
+               if np.isfinite(heldout.get(key, np.nan)) and heldout[key] >= bar)
 
 
 class ResidualBlock(nn.Module):
@@ -73,9 +89,16 @@ class ResidualBlock(nn.Module):
 class FundusEvaluator(nn.Module):
   """Multi-task CNN: NHWC images in [-1, 1] -> ({head: logits}, features [N, D]).
 
+  The heads read the pooled last stage; the features (for FD, KID, precision/recall and the
+  privacy audit) add the first stage's mean and standard deviation per channel.
+
   Attributes:
     width: channels of the first stage; each later stage doubles it.
     stage_sizes: residual blocks per stage; every stage after the first halves the resolution.
+    stem_stride: the stem's stride; s > 1 makes it an s x s patchify convolution, so every
+      stage runs at 1/s of the input side. XLA:CPU runs convolutions of few channels at full
+      resolution slowly (a width-16 stem at 64 px dominated the step), and a patchify stem
+      loses nothing the heads need: each stem output sees all s x s pixels of its patch.
     heads: (head name, number of outputs) pairs (a subset of HEADS, or a custom task); a
       tuple so the module stays hashable (it is a static argument of the jitted `apply`).
     dtype: compute dtype.
@@ -85,6 +108,7 @@ class FundusEvaluator(nn.Module):
   heads: tuple[tuple[str, int], ...] = tuple(HEADS.items())
   contrast: bool = True
   max_pool: bool = True
+  stem_stride: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -98,19 +122,30 @@ class FundusEvaluator(nn.Module):
     if self.contrast:
       parts.append(local_contrast(images))
     x = jnp.concatenate(parts, -1)  # [N, H, W, 5 or 8]
-    x = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="stem")(x)  # [N, H, W, w]
+    if self.stem_stride == 1:
+      x = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="stem")(x)  # [N, H, W, w]
+    else:  # patchify: every input pixel reaches the stem, at 1/stride^2 of the cost after it
+      s = self.stem_stride
+      x = nn.Conv(self.width, (s, s), (s, s), dtype=self.dtype, name="stem")(x)
+    texture = None
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = ResidualBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,
                           dtype=self.dtype)(x)
+      if i == 0:
+        # The first stage's activation statistics: fine texture (vessels, lesions, noise,
+        # blur) that the pooled last stage, trained for clinical grades, barely encodes.
+        texture = jnp.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], -1)
     x = nn.swish(nn.GroupNorm(num_groups=8, dtype=self.dtype)(x))
     pooled = [x.mean(axis=(1, 2))]
     if self.max_pool:
       pooled.append(x.max(axis=(1, 2)))
-    features = jnp.concatenate(pooled, -1).astype(jnp.float32)  # [N, D]
-    logits = {name: nn.Dense(n, dtype=jnp.float32, name=f"head_{name}")(features)
+    pooled = jnp.concatenate(pooled, -1).astype(jnp.float32)  # [N, D]
+    logits = {name: nn.Dense(n, dtype=jnp.float32, name=f"head_{name}")(pooled)
               for name, n in self.heads}
-    return logits, features
+    # The feature space of the fidelity and privacy metrics: what the heads read, and the
+    # first stage's texture statistics, so a blurred or blotchy image moves away from real.
+    return logits, jnp.concatenate([pooled, texture.astype(jnp.float32)], -1)
 
 
 CONTRAST_SIGMA = 1 / 60  # Gaussian width of the local background, as a fraction of image side
@@ -141,12 +176,13 @@ def local_contrast(images: jax.Array) -> jax.Array:
 
 def make_model(model_config: Mapping[str, Any]) -> FundusEvaluator:
   """The module from a JSON-able model config {"width", "stage_sizes", "heads", "contrast",
-  "max_pool"}."""
+  "max_pool", optional "stem_stride" (default 1)}."""
   return FundusEvaluator(width=int(model_config["width"]),
                          stage_sizes=tuple(model_config["stage_sizes"]),
                          heads=tuple(dict(model_config.get("heads") or HEADS).items()),
                          contrast=bool(model_config["contrast"]),
-                         max_pool=bool(model_config["max_pool"]))
+                         max_pool=bool(model_config["max_pool"]),
+                         stem_stride=int(model_config.get("stem_stride", 1)))
 
 
 def init_params(model: FundusEvaluator, rng: jax.Array, resolution: int) -> Any:
@@ -192,20 +228,23 @@ def features(model: FundusEvaluator, params, images, *, batch_size: int = 64) ->
 
 
 def decode(logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Head logits -> per-attribute predictions: class indices, or the CDR clipped to [0, 1]."""
+  """Head logits -> per-attribute predictions: class indices, or the CDR clipped to [0, 1];
+  with a CDR head also "glaucoma" (0/1: CDR >= GLAUCOMA_CDR)."""
   out = {}
   for name, value in logits.items():
     value = np.asarray(value)
     out[name] = (np.clip(value[:, 0], 0.0, 1.0) if name in REGRESSION_HEADS
                  else value.argmax(-1))
+  if "cdr" in out:
+    out["glaucoma"] = (out["cdr"] >= GLAUCOMA_CDR).astype(int)
   return out
 
 
 def predict(model: FundusEvaluator, params, images, *, batch_size: int = 64) -> dict:
   """Per-attribute predictions for NHWC images: {head: [N] class index, or CDR float}.
 
-  Class indices follow `consistency.label_code` (laterality 0 right / 1 left, quality 0 good /
-  1 usable / 2 reject, grades as integers, dme 0/1).
+  Class indices follow `consistency.label_code` (laterality 0 right / 1 left, field 0 macula /
+  1 disc, quality 0 good / 1 usable / 2 reject, grades as integers, dme and glaucoma 0/1).
   """
   return decode(_batched(model, params, images, batch_size)[0])
 
@@ -231,10 +270,23 @@ def targets_from_labels(labels: Sequence[labels_lib.FundusLabels],
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """A loaded evaluator: the module and its params, with the metric-facing calls bound."""
+  """A loaded evaluator: the module and its params, with the metric-facing calls bound.
+
+  Attributes:
+    model: the module.
+    params: its params.
+    resolution: the side it reads images at.
+    heldout: its held-out phantom scores (heldout.json; {} when unknown).
+  """
   model: FundusEvaluator
   params: Any
   resolution: int
+  heldout: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def readable(self) -> tuple[str, ...] | None:
+    """Attributes read well enough to score (`readable_attributes`); None when not known."""
+    return readable_attributes(self.heldout) if self.heldout else None
 
   def features(self, images) -> np.ndarray:
     """Penultimate-layer features [N, D] (images resized to the evaluator's resolution)."""
@@ -322,4 +374,5 @@ def load_evaluator(directory: str | os.PathLike) -> Evaluator:
       lambda key: model.init(key, jnp.zeros((1, resolution, resolution, 3)))["params"],
       jax.random.key(0))
   params_io.check_params_match(expected, params, what=f"evaluator params in {params_path}")
-  return Evaluator(model, jax.tree.map(jnp.asarray, params), resolution)
+  return Evaluator(model, jax.tree.map(jnp.asarray, params), resolution,
+                   dict(meta.get("heldout") or {}))

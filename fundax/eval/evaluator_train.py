@@ -21,6 +21,7 @@ trains the same architecture from scratch on a single head.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -48,10 +49,15 @@ CDR_LOSS_WEIGHT = 10.0  # CDR errors are ~0.1; this brings its MSE to the scale 
 # Attributes a balanced draw may pin to a uniformly drawn value (the case mix is ~70 % healthy).
 _BALANCED = {"dr_grade": 5, "amd_stage": 4, "hypertensive_grade": 5, "quality": 3}
 BALANCE_PROB = 0.5  # chance that a balanced draw pins each of them, independently
+# Config fields that do not change the trained evaluator (left out of `run_key`).
+_OPERATIONAL = ("log_every", "checkpoint_every")
+# Finished runs of the shipped recipes (configs/evaluator.py's tiny and default), keyed by
+# `run_key`: held-out table, metrics and params, ~1-5 MB each.
+SHIPPED = pathlib.Path(__file__).parent / "evaluators"
 
 
 def phantom_set(num: int, resolution: int, first_seed: int, *, balance: bool = True,
-                show_progress: bool = True) -> tuple[np.ndarray, list]:
+                show_progress: bool = True, num_workers: int = 0) -> tuple[np.ndarray, list]:
   """Renders `num` phantom images with seeds first_seed, first_seed + 1, ...
 
   Args:
@@ -62,32 +68,37 @@ def phantom_set(num: int, resolution: int, first_seed: int, *, balance: bool = T
       with probability BALANCE_PROB, to a uniformly drawn value, so that rare grades are seen
       often enough to learn (and co-occur, so no grade is read off another disease).
     show_progress: show a tqdm bar.
+    num_workers: rendering processes (the images do not depend on it).
 
   Returns:
     (images [num, H, W, 3] float32 in [-1, 1], list of FundusLabels).
   """
   rng = np.random.default_rng([first_seed, num])
-  images = np.empty((num, resolution, resolution, 3), np.float32)
-  labels = []
-  for i in tqdm.trange(num, desc="phantom images", disable=not show_progress):
-    constraints = {}
+  constraints = []
+  for _ in range(num):
+    pinned = {}
     for name, classes in _BALANCED.items():
       if balance and rng.random() < BALANCE_PROB:
         value = int(rng.integers(classes))
-        constraints[name] = labels_lib.QUALITIES[value] if name == "quality" else value
-    sample = phantom.generate(first_seed + i, resolution, **constraints)
-    images[i] = sample.image.astype(np.float32) / 127.5 - 1.0
-    labels.append(sample.labels)
-  return images, labels
+        pinned[name] = labels_lib.QUALITIES[value] if name == "quality" else value
+    constraints.append(pinned)
+  progress = lambda it, total: tqdm.tqdm(it, total=total, desc="phantom images",
+                                         disable=not show_progress)
+  images, labels = phantom.generate_images(range(first_seed, first_seed + num), resolution,
+                                           constraints, num_workers=num_workers,
+                                           progress=progress)
+  return images.astype(np.float32) / 127.5 - 1.0, labels
 
 
 def cached_phantom_set(path: pathlib.Path, num: int, resolution: int, first_seed: int,
-                       balance: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                       balance: bool, num_workers: int = 0
+                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """`phantom_set` as images + targets, stored at `path` (.npz) so a resumed run reuses it."""
   if path.exists():
     with np.load(path) as f:
       return f["images"], {k[2:]: f[k] for k in f.files if k.startswith("y_")}
-  images, labels = phantom_set(num, resolution, first_seed, balance=balance)
+  images, labels = phantom_set(num, resolution, first_seed, balance=balance,
+                               num_workers=num_workers)
   targets = evaluator_lib.targets_from_labels(labels)
   tmp = path.with_suffix(".tmp.npz")
   np.savez(tmp, images=images, **{f"y_{k}": v for k, v in targets.items()})
@@ -180,10 +191,25 @@ def batch_indices(num: int, batch_size: int, seed: int, step: int) -> np.ndarray
   return np.random.default_rng([seed, step]).choice(num, batch_size, replace=num < batch_size)
 
 
+def mirror_half(images: np.ndarray, targets: Mapping[str, np.ndarray], seed: int,
+                step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """A batch with a random half of its images mirrored left-right (the other eye).
+
+  Which images are mirrored depends on (seed, step) only, so a resumed run replays it; a
+  mirrored image's laterality target flips and every other target stays.
+  """
+  mirror = np.random.default_rng([seed, step, 7]).random(len(images)) < 0.5
+  images = np.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+  targets = dict(targets)
+  if "laterality" in targets:
+    targets["laterality"] = np.where(mirror, 1 - targets["laterality"], targets["laterality"])
+  return images, targets
+
+
 def fit(model, params, optim_config: Mapping, images: np.ndarray,
         targets: Mapping[str, np.ndarray], *,
         steps: int, batch_size: int, seed: int, start_step: int = 0, state=None,
-        class_weights: Mapping[str, np.ndarray] | None = None,
+        class_weights: Mapping[str, np.ndarray] | None = None, flip: bool = False,
         on_step: Callable[[int, object, dict], None] | None = None, desc: str = "train"):
   """Trains `model` on in-memory arrays for `steps` optimizer steps.
 
@@ -200,6 +226,9 @@ def fit(model, params, optim_config: Mapping, images: np.ndarray,
     state: a restored TrainState to continue from.
     class_weights: {head: [K]} per-class loss weights of the categorical heads (e.g.
       `balanced_class_weights`); None: plain cross-entropy.
+    flip: mirror a random half of each batch (a function of seed and step), turning each
+      mirrored eye into the other one: its "laterality" target (0 right, 1 left) flips too.
+      Doubles the distinct training images at no rendering cost.
     on_step: called after each step with (step, state, metrics) (logging, checkpointing).
     desc: progress-bar label.
 
@@ -214,8 +243,10 @@ def fit(model, params, optim_config: Mapping, images: np.ndarray,
     class_weights = uniform_class_weights(dict(model.heads))
   for step in tqdm.trange(start_step, steps, desc=desc, initial=start_step, total=steps):
     idx = batch_indices(len(images), batch_size, seed, step)
-    state, step_metrics = train_step(state, images[idx], {k: v[idx] for k, v in targets.items()},
-                                     class_weights)
+    batch, batch_targets = images[idx], {k: v[idx] for k, v in targets.items()}
+    if flip:
+      batch, batch_targets = mirror_half(batch, batch_targets, seed, step)
+    state, step_metrics = train_step(state, batch, batch_targets, class_weights)
     if on_step is not None:
       on_step(step + 1, state, step_metrics)
   return state
@@ -228,14 +259,22 @@ def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np
   Categorical heads: accuracy and the majority-class rate (accuracy means little without it);
   ordinal ones also quadratic weighted kappa (0 for any constant guess); with `probabilities`,
   the AUROC of "class > 0" (any disease, DME, a not-good image, a left eye) scored by
-  1 - p(class 0), which is 0.5 for a constant guess. CDR: MAE and within-0.1 accuracy.
+  1 - p(class 0), which is 0.5 for a constant guess, and for the DR grade also the AUROC of
+  referable DR (grade >= 2) scored by p(grade >= 2). CDR: MAE and within-0.1 accuracy, and
+  the AUROC of a glaucomatous disc (CDR >= GLAUCOMA_CDR) scored by the predicted CDR. With a
+  field head and target, laterality is also scored on macula-centred images alone (where the
+  disc's side says it; a disc-centred image shows it only by the macula's side).
   """
   out = {}
   for name, pred in predictions.items():
+    if name not in targets:  # derived predictions (e.g. glaucoma from the CDR)
+      continue
     true = np.asarray(targets[name])
     if name in evaluator_lib.REGRESSION_HEADS:
       out[f"{name}_mae"] = float(np.abs(pred - true).mean())
       out[f"{name}_accuracy"] = float((np.abs(pred - true) <= 0.1).mean())
+      if name == "cdr":
+        out["glaucoma_auroc"] = consistency.auroc(true >= evaluator_lib.GLAUCOMA_CDR, pred)
       continue
     true = true.astype(int)
     out[f"{name}_accuracy"] = float((pred == true).mean())
@@ -245,6 +284,14 @@ def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np
           true, pred, evaluator_lib.HEADS[name])
     if probabilities is not None and name in probabilities:
       out[f"{name}_auroc"] = consistency.auroc(true > 0, 1.0 - probabilities[name][:, 0])
+      if name == "dr_grade":
+        referable = consistency.REFERABLE_DR_GRADE
+        out["referable_dr_auroc"] = consistency.auroc(
+            true >= referable, probabilities[name][:, referable:].sum(-1))
+  if "laterality" in predictions and "field" in targets:
+    macula = np.asarray(targets["field"]) == 0
+    out["laterality_macula_accuracy"] = float(
+        (predictions["laterality"][macula] == np.asarray(targets["laterality"])[macula]).mean())
   return out
 
 
@@ -252,7 +299,52 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
   """The JSON model config saved with the params."""
   return {"width": config.model.width, "stage_sizes": list(config.model.stage_sizes),
           "heads": dict(evaluator_lib.HEADS), "contrast": config.model.contrast,
-          "max_pool": config.model.max_pool, "resolution": config.data.resolution}
+          "max_pool": config.model.max_pool, "stem_stride": config.model.stem_stride,
+          "resolution": config.data.resolution}
+
+
+VERSION = 2  # bump when a change of this trainer or the network changes what a run produces
+
+
+def run_key(config: ml_collections.ConfigDict) -> str:
+  """A name for the run of `config`: the same for every config (and VERSION) that trains the
+  same evaluator (logging, checkpoint spacing and rendering processes do not count)."""
+  recipe = config.to_dict()
+  for name in _OPERATIONAL:
+    recipe.pop(name, None)
+  recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "num_workers"}
+  payload = json.dumps({"version": VERSION, "config": recipe}, sort_keys=True, default=str)
+  return "evaluator-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def finished_run(workdir: str | os.PathLike) -> dict | None:
+  """`train_evaluator`'s outputs for a run that finished in `workdir` (None otherwise).
+
+  A run is finished when its held-out scores and its params directory are written (the last
+  things `train_evaluator` does).
+  """
+  work = pathlib.Path(workdir)
+  heldout_path, evaluator_dir = work / "heldout.json", work / "evaluator"
+  if not heldout_path.is_file() or not (evaluator_dir / "config.json").is_file():
+    return None
+  return {"evaluator_dir": str(evaluator_dir), "metrics": str(work / "metrics.jsonl"),
+          "heldout": str(heldout_path), "heldout_accuracy": json.loads(heldout_path.read_text())}
+
+
+def find_run(config: ml_collections.ConfigDict, cache: str | os.PathLike | None
+             ) -> tuple[pathlib.Path, dict | None]:
+  """Where the run of `config` lives and its outputs if it finished.
+
+  The evaluators that ship with fundax (`SHIPPED`, trained by `python bench/judges.py`)
+  come first, then `cache/<run_key>` (trained here earlier); an unfinished run resumes in
+  the cache.
+  """
+  key = run_key(config)
+  shipped = finished_run(SHIPPED / key)
+  if shipped is not None:
+    return SHIPPED / key, shipped
+  workdir = pathlib.Path(cache).expanduser() / key
+  return workdir, finished_run(workdir)
 
 
 def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -271,11 +363,12 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
   work.mkdir(parents=True, exist_ok=True)
   d = config.data
   train_images, train_targets = cached_phantom_set(
-      work / "phantom_train.npz", d.num_train, d.resolution, d.first_seed, d.balance)
+      work / "phantom_train.npz", d.num_train, d.resolution, d.first_seed, d.balance,
+      d.num_workers)
   # Held-out seeds start after the training range, so no eye appears in both.
   test_images, test_targets = cached_phantom_set(
       work / "phantom_heldout.npz", d.num_heldout, d.resolution, d.first_seed + d.num_train,
-      d.balance)
+      d.balance, d.num_workers)
 
   mconf = model_config(config)
   model = evaluator_lib.make_model(mconf)
@@ -307,8 +400,8 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
                if config.class_balance else None)
     state = fit(model, None, config.optim, train_images, train_targets,
                 steps=config.optim.total_steps, batch_size=config.batch_size, seed=config.seed,
-                start_step=start, state=state, class_weights=weights, on_step=on_step,
-                desc="evaluator")
+                start_step=start, state=state, class_weights=weights, flip=config.flip,
+                on_step=on_step, desc="evaluator")
     checkpoint.wait(manager)
 
   heldout = head_metrics(evaluator_lib.predict(model, state.params, test_images), test_targets,

@@ -89,6 +89,29 @@ def frechet_distance(features_a, features_b) -> float:
                                    b.mean(0), np.cov(b, rowvar=False))
 
 
+def standardise(reference, *others) -> list[np.ndarray]:
+  """Features scaled per dimension to the reference set's zero mean and unit variance.
+
+  fundax's fidelity metrics run on the independent evaluator's features, whose channels
+  differ in spread by orders of magnitude; unscaled, a few high-variance channels (and, with
+  fewer images than dimensions, the covariance estimates' noise) swamp the Fréchet distance,
+  which then barely told blurred phantoms from sharp ones (58.8 vs 67.7 on 16 images;
+  standardised: 167 vs 338).
+
+  Args:
+    reference: [M, D] reference features (they define the scale).
+    *others: [N, D] feature sets to scale the same way.
+
+  Returns:
+    [reference, *others] scaled; dimensions constant over the reference keep unit scale.
+  """
+  reference = _as_features(reference, "reference")
+  mean, std = reference.mean(0), reference.std(0)
+  std = np.where(std > 1e-8, std, 1.0)
+  return [(reference - mean) / std] + [(_as_features(x, "features") - mean) / std
+                                       for x in others]
+
+
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   """The KID kernel (x.y / D + 1)^3 between rows of x [N, D] and y [M, D] -> [N, M]."""
   return (x @ y.T / x.shape[1] + 1.0) ** 3

@@ -1,11 +1,14 @@
 """The self-contained HTML evaluation report: one file, images and plots embedded as base64 PNG.
 
-Sections: a banner saying the images are synthetic; the metric table with the Selector's score
-(when given) beside the independent metrics, so a reader sees at once whether the reward the
-generator was optimised against agrees with measures it never saw; sample grids per prompt
+Sections: a banner saying the images are synthetic; the metric table, each figure beside what
+phantoms score and what its negative control scores; the Selector's score (when given) with its
+agreement with the independent judges, so a reader sees at once whether the reward the
+generator was optimised against agrees with measures it never saw; the evaluator's own
+held-out scores (accuracy beside the majority rate); sample grids per prompt
 (stamped SYNTHETIC by `preview.make_grid`); per-attribute consistency confusion matrices; the
 privacy audit's closest generated/training pairs side by side; distribution plots (vessel
-density, and the Selector's scores split by whether the evaluator sees the prompt honoured).
+fraction of generated images and phantoms, and the Selector's scores split by whether the
+evaluator sees the prompt honoured).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from fundax.data import preview
 _CLASS_NAMES = {"dr_grade": [str(i) for i in range(5)], "dme": ["no", "yes"],
                 "amd_stage": [str(i) for i in range(4)],
                 "hypertensive_grade": [str(i) for i in range(5)],
-                "quality": list(labels_lib.QUALITIES), "laterality": list(labels_lib.LATERALITIES)}
+                "quality": list(labels_lib.QUALITIES), "laterality": list(labels_lib.LATERALITIES),
+                "field": list(labels_lib.FIELDS), "glaucoma": ["no", "yes"]}
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse}td,th{border:1px solid #999;padding:3px 8px;text-align:left}
 .banner{background:#a00;color:#fff;padding:8px;font-weight:bold}
@@ -61,11 +65,50 @@ def _fmt(value) -> str:
   return html.escape(str(value))
 
 
-def metric_table(rows: Sequence[tuple[str, object, str]]) -> str:
-  """HTML table of (metric, value, source) rows."""
-  body = "".join(f"<tr><td>{html.escape(m)}</td><td>{_fmt(v)}</td><td>{html.escape(s)}</td></tr>"
-                 for m, v, s in rows)
-  return f"<table><tr><th>metric</th><th>value</th><th>measured by</th></tr>{body}</table>"
+def metric_table(rows: Sequence[Mapping]) -> str:
+  """HTML table of the evaluation rows: value | phantoms | negative control.
+
+  "phantoms" is what real (phantom) images score on the same number of images: the floor of a
+  distance, the ceiling of an agreement. The control is a known failure the metric must
+  separate from it ("separated": it scores clearly worse).
+  """
+  head = ("<tr><th>metric</th><th>generated</th><th>phantoms (floor / ceiling)</th>"
+          "<th>negative control</th><th>control separated</th><th>better</th>"
+          "<th>measured by</th></tr>")
+  body = "".join(
+      f"<tr><td>{html.escape(r['metric'])}</td><td><b>{_fmt(r['generated'])}</b></td>"
+      f"<td>{_fmt(r['phantoms'])}</td><td>{_fmt(r['control'])} "
+      f"({html.escape(r['control_set'])})</td><td>{'yes' if r['separated'] else 'NO'}</td>"
+      f"<td>{html.escape(r['better'])}</td><td>{html.escape(r['measured_by'])}</td></tr>"
+      for r in rows)
+  return f"<table>{head}{body}</table>"
+
+
+def selector_table(selector: Mapping) -> str:
+  """The Selector's mean score and its Spearman with each independent per-image measure."""
+  body = "".join(f"<tr><td>{html.escape(name)}</td><td>{_fmt(rho)}</td></tr>"
+                 for name, rho in selector["spearman"].items())
+  return (f"<p>Selector score (the generator's own reward), mean: {_fmt(selector['mean'])}. "
+          "Its agreement with the independent judges (Spearman over images):</p>"
+          f"<table><tr><th>independent measure</th><th>Spearman</th></tr>{body}</table>")
+
+
+def evaluator_table(heldout: Mapping[str, float], readable: Sequence[str]) -> str:
+  """The evaluator's own held-out phantom scores, each accuracy beside its majority rate."""
+  if not heldout:
+    return "<p>The evaluator's held-out scores are not recorded.</p>"
+  names = sorted({k.rsplit("_", 1)[0] for k in heldout if k.endswith("_accuracy")})
+  body = "".join(
+      f"<tr><td>{html.escape(n)}</td><td>{_fmt(heldout.get(f'{n}_accuracy', math.nan))}</td>"
+      f"<td>{_fmt(heldout.get(f'{n}_majority', math.nan))}</td>"
+      f"<td>{_fmt(heldout.get(f'{n}_qwk', math.nan))}</td>"
+      f"<td>{_fmt(heldout.get(f'{n}_auroc', math.nan))}</td></tr>" for n in names)
+  extra = ", ".join(f"{k} {_fmt(heldout[k])}" for k in (
+      "referable_dr_auroc", "glaucoma_auroc", "laterality_macula_accuracy", "cdr_mae")
+                    if k in heldout)
+  return (f"<table><tr><th>attribute</th><th>accuracy</th><th>majority rate</th><th>QWK</th>"
+          f"<th>AUROC (any vs none)</th></tr>{body}</table><p>{html.escape(extra)}. Scored in "
+          f"consistency at this size: {html.escape(', '.join(readable) or 'all')}.</p>")
 
 
 def confusion_figure(name: str, confusion) -> str:
@@ -143,6 +186,11 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
            f"<div class='banner'>{html.escape(preview.SYNTHETIC_BANNER)}</div>",
            f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(metrics.get('note', ''))}</p>",
            "<h2>Metrics</h2>", metric_table(metrics["table"])]
+  if metrics.get("selector"):
+    parts.append(selector_table(metrics["selector"]))
+  parts.append("<h2>The evaluator on held-out phantoms</h2>")
+  parts.append(evaluator_table(metrics.get("evaluator_heldout", {}),
+                               metrics.get("readable", ())))
 
   parts.append("<h2>Samples per prompt</h2>")
   for prompt, uri in prompt_grids(images, prompts):
@@ -164,11 +212,14 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
         "nearest training image", {"generated": privacy["pixel_rms"]}, "pixel RMS distance",
         threshold=metrics.get("config", {}).get("pixel_threshold")), "privacy histogram"))
 
-  plots = metrics.get("plots", {})
   parts.append("<h2>Distributions</h2>")
-  if plots.get("vessel_density"):
-    parts.append(_img(histogram_figure("vessel density", plots["vessel_density"],
-                                       "fraction of FOV detected as vessel"), "vessel density"))
+  sets = metrics.get("sets", {})
+  vessels = {name: sets[name]["anatomy"]["vessel_fraction"] for name in ("generated", "phantoms")
+             if "anatomy" in sets.get(name, {})}
+  if vessels:
+    parts.append(_img(histogram_figure("vessel fraction", vessels,
+                                       "fraction of the FOV detected as vessel"),
+                      "vessel fraction"))
   selector = metrics.get("selector")
   if selector:
     # A Selector that still tracks what the independent evaluator sees scores the images that

@@ -1,15 +1,16 @@
 """`evaluate`: every independent metric of a set of generated images, written as JSON + HTML.
 
 The images come either from a checkpoint directory (generated here through `fundax.sampling`)
-or pre-generated with their prompts. They are compared with a reference set (real images, or
-phantom images standing in for them; also the training set of the privacy audit) through the
-independent evaluator (`evaluator_dir`, from `evaluator_train.train_evaluator`):
+or pre-generated with their prompts. They are measured by judges the generator never trains
+against (fundax.eval.readings), each beside what real images score and what a known failure
+scores (fundax.eval.references):
 
   fidelity      Fréchet distance, KID, precision/recall on evaluator features (and on a
                 user-supplied Inception feature function when `inception_path` is set)
+  C2ST          a classifier trained to tell the images from prompt-matched phantoms
   diversity     mean pairwise MS-SSIM among samples of the same prompt
-  consistency   prompt (parsed) vs evaluator predictions, per attribute
-  anatomy       vessel density vs the reference, optic-disc side vs the prompt's laterality
+  consistency   prompt (parsed) vs the evaluator's readings, per attribute it reads reliably
+  anatomy       laterality from the detected disc (fovea), vessel fraction as a ratio
   privacy       nearest training image in pixel and feature space; near-copies flagged
   utility       TSTR DR-grade classifier (when held-out labelled images are given)
 
@@ -31,12 +32,12 @@ from scipy import stats
 
 from fundax.data import captions
 from fundax.eval import anatomy_checks
-from fundax.eval import consistency as consistency_lib
+from fundax.eval import c2st as c2st_lib
 from fundax.eval import evaluator as evaluator_lib
 from fundax.eval import metrics as metrics_lib
-from fundax.eval import privacy
+from fundax.eval import readings as readings_lib
+from fundax.eval import references
 from fundax.eval import report
-from fundax.eval import ssim
 from fundax.eval import utility
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ DEFAULTS = {
     "num_steps": 50,  # sampler steps when generating from a checkpoint
     "guidance_scale": 7.5,  # classifier-free guidance when generating from a checkpoint
     "batch_size": 8,  # images per generation call
+    "c2st": {},  # overrides of c2st.DEFAULTS for the two-sample tests' classifier
+    "num_workers": 0,  # processes rendering the prompt-matched phantoms
 }
 
 
@@ -95,52 +98,71 @@ def _to_float(images) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def _table(results: Mapping) -> list[tuple[str, object, str]]:
-  """The report's (metric, value, measured by) rows."""
-  ev = "independent evaluator"
-  rows = []
-  if "selector" in results:
-    rows += [("Selector score (mean): the generator's own reward",
-              results["selector"]["mean"], "Selector"),
-             ("Spearman(Selector score, share of its prompt the image agrees with)",
-              results["selector"]["spearman_vs_consistency"], "Selector vs evaluator")]
-  f = results["fidelity"]
-  rows += [("Fréchet distance (evaluator features)", f["frechet_distance"], ev),
-           ("KID (evaluator features)", f["kid"], ev),
-           ("precision", f["precision"], ev), ("recall", f["recall"], ev)]
-  if "fidelity_inception" in results:
-    rows.append(("FID (user-supplied Inception)",
-                 results["fidelity_inception"]["frechet_distance"], "Inception"))
-  if results["diversity"]:
-    rows.append(("mean MS-SSIM within prompt (lower = more diverse)",
-                 float(np.mean(list(results["diversity"].values()))), "MS-SSIM"))
-  c = results["consistency"]
-  for name, entry in c.items():
-    if isinstance(entry, Mapping):
-      rows.append((f"consistency: {name} accuracy", entry["accuracy"], ev))
-      if "qwk" in entry:
-        rows.append((f"consistency: {name} QWK", entry["qwk"], ev))
-  rows.append(("consistency: all stated attributes agree", c["all_stated_agree"], ev))
-  rows.append(("consistency: fraction of stated attributes agreeing",
-               c["stated_agree_fraction"], ev))
-  a = results["anatomy"]
-  rows += [("vessel density |generated - reference|", a["vessel_density"]["abs_difference"],
-            "Frangi vesselness"),
-           ("optic disc on the prompt's side", a["disc_side"]["accuracy"], "brightest blob")]
-  p = results["privacy"]
-  rows += [("near-copies of training images (fraction)", p["fraction_flagged"], "NN audit"),
-           ("min RMS distance to a training image", p["min_pixel_rms"], "NN audit")]
-  for arm, scores in results.get("utility", {}).items():
-    rows += [(f"TSTR ({arm}) DR QWK", scores["qwk"], "TSTR classifier"),
-             (f"TSTR ({arm}) referable-DR AUROC", scores["referable_auroc"], "TSTR classifier")]
-  return rows
+def _spearman(a, b) -> float:
+  """Spearman's rho of two paired series over their finite pairs; NaN when undefined."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  ok = np.isfinite(a) & np.isfinite(b)
+  a, b = a[ok], b[ok]
+  if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return float("nan")
+  return float(stats.spearmanr(a, b).statistic)
+
+
+def _selector_section(scores, generated: Mapping) -> dict:
+  """The Selector's scores beside the independent judges: its mean and its Spearman with each
+  per-image independent measure (a Selector the generator has learnt to please stops tracking
+  them)."""
+  scores = np.asarray(scores, float)
+  c = generated["consistency"]
+  measures = {"share of stated attributes confirmed": c["per_image_fraction"],
+              "evaluator P(good quality)": generated["quality_good"]}
+  if "anatomy" in generated:
+    measures["vessel fraction"] = generated["anatomy"]["vessel_fraction"]
+  spearman = {name: _spearman(scores, values) for name, values in measures.items()}
+  return {"mean": float(scores.mean()), "scores": scores.tolist(), "spearman": spearman,
+          "spearman_vs_consistency": spearman["share of stated attributes confirmed"]}
+
+
+def _c2st_rows(matched, sets: Mapping[str, np.ndarray], config: Mapping) -> tuple[dict, list]:
+  """C2ST of the generated images, the second phantom set and the blurred control against the
+  prompt-matched phantoms, and its table row."""
+  results = {name: c2st_lib.c2st(matched, sets[name], config["c2st"])
+             for name in ("generated", "phantoms", "blurred")}
+  row = readings_lib.Row("C2ST accuracy vs prompt-matched phantoms (0.5 = indistinguishable)",
+                         None, readings_lib.HALF, "blurred", "C2ST classifier")
+  values = [results[n]["accuracy"] for n in ("generated", "phantoms", "blurred")]
+  return results, [readings_lib.table_row(row, *values)]
+
+
+def _privacy_row(readings: Mapping) -> dict:
+  row = readings_lib.Row("near-copies of training images (fraction)", None, readings_lib.LOWER,
+                         "copies", "NN audit")
+  return readings_lib.table_row(row, *(readings[n]["privacy"]["fraction_flagged"]
+                                       for n in ("generated", "phantoms", "copies")))
+
+
+def _utility_rows(utility: Mapping) -> list[dict]:
+  out = []
+  for key, label in (("qwk", "DR QWK"), ("referable_auroc", "referable-DR AUROC")):
+    row = readings_lib.Row(f"TSTR {label} (train on generated, test on held-out phantoms)",
+                           None, readings_lib.HIGHER, "shuffled labels", "TSTR classifier")
+    out.append(readings_lib.table_row(row, utility["synthetic"][key], utility["real"][key],
+                                      utility["shuffled labels"][key]))
+  return out
 
 
 def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_images,
              out_dir: str, reference_labels=None, heldout_images=None, heldout_labels=None,
              selector_scores=None, config: Mapping | None = None,
              note: str = "", sections: Sequence[str] = ()) -> dict:
-  """Evaluates generated images with metrics independent of the Selector.
+  """Evaluates generated images with judges independent of the Selector, against references.
+
+  Every figure is read beside what real images score on the same number of images and what
+  a negative control scores (`fundax.eval.references`): the generated images are compared
+  with phantoms drawn with the facts their prompts state ("matched"), a second such set
+  stands for real data ("phantoms": the floor of a distance, the ceiling of an agreement),
+  and each metric's control (blurred, mirrored, shifted prompts, collapsed, noisy copies of
+  training images, shuffled TSTR labels) must score clearly worse than "phantoms".
 
   Args:
     source: a checkpoint directory (str / PathLike: images are generated from `prompts`,
@@ -162,7 +184,10 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
 
   Returns:
     The metrics dict (also written to out_dir/metrics.json), with "report" and "metrics_json"
-    paths.
+    paths. "table" holds the rows (metric, generated, phantoms, control, control_set,
+    better, separated, measured_by); "fidelity", "diversity", "consistency", "anatomy",
+    "privacy" and "utility" are the generated images' readings, "sets" every set's summary,
+    "c2st" the two-sample tests.
   """
   config = {**DEFAULTS, **dict(config or {})}
   out = pathlib.Path(out_dir)
@@ -173,43 +198,63 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
     images = np.asarray(source)
     prompts = list(prompts)
   images = _to_float(images)
-  # Reference and held-out images are compared at the generated size (pixel-space privacy).
-  reference = evaluator_lib.resize(reference_images, images.shape[1])
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+  size = images.shape[1]
+  # Reference and held-out images are compared at the generated size (pixel-space privacy).
+  reference = evaluator_lib.resize(reference_images, size)
 
-  steps = tqdm.tqdm(total=7, desc="evaluate")
+  steps = tqdm.tqdm(total=5, desc="evaluate")
+  matched, matched_labels = references.prompt_matched(prompts, size,
+                                                      num_workers=config["num_workers"])
+  second, _ = references.prompt_matched(prompts, size, first_seed=references.SECOND_SEED,
+                                        num_workers=config["num_workers"])
+  matched, second = _to_float(matched), _to_float(second)
   ev = evaluator_lib.load_evaluator(evaluator_dir)
-  gen_feat, ref_feat = ev.features(images), ev.features(reference)
-  predictions = ev.predict(images)
+  reference_features = ev.features(reference)
+  vessel_reference = float(np.mean([anatomy_checks.vessel_fraction(x) for x in matched]))
+  blurred = references.blurred(second)
+  sets = {  # name -> (images, prompts, anatomy, privacy)
+      "generated": (images, prompts, True, True),
+      "phantoms": (second, prompts, True, True),
+      "blurred": (blurred, prompts, True, False),
+      "mirrored": (references.mirrored(second), prompts, True, False),
+      "shifted prompts": (second, references.shifted_prompts(prompts), False, False),
+      "collapsed": (references.collapsed(second, prompts), prompts, False, False),
+      "copies": (references.noisy_copies(reference, len(images)), prompts, False, True),
+  }
   steps.update()
+  readings = {}
+  for name, (set_images, set_prompts, anatomy, audit) in sets.items():
+    readings[name] = readings_lib.read(
+        set_images, set_prompts, ev, reference_features, config=config,
+        vessel_reference=vessel_reference, anatomy=anatomy,
+        reference_images=reference if audit else None)
+  steps.update()
+  c2st_results, c2st_rows = _c2st_rows(
+      matched, {"generated": images, "phantoms": second, "blurred": blurred}, config)
+  steps.update()
+  generated = readings["generated"]
   results = {"num_images": len(images), "num_reference": len(reference), "note": note,
-             "config": config}
-  results["fidelity"] = metrics_lib.fidelity(
-      ref_feat, gen_feat, k=config["pr_k"], kid_subsets=config["kid_subsets"],
-      kid_subset_size=config["kid_subset_size"], seed=config["seed"])
+             "config": config, "readable": list(ev.readable or ()),
+             "evaluator_heldout": dict(ev.heldout), "c2st": c2st_results,
+             "vessel_fraction_matched": vessel_reference}
+  for key in ("fidelity", "diversity", "consistency", "anatomy", "privacy"):
+    results[key] = generated[key]
+  results["diversity_by_prompt"] = generated["diversity_by_prompt"]
+  extra = c2st_rows + [_privacy_row(readings)]
   if config["inception_path"]:
     feature_fn = metrics_lib.load_feature_fn(config["inception_path"])
-    results["fidelity_inception"] = metrics_lib.fidelity(
-        feature_fn(reference), feature_fn(images), k=config["pr_k"],
+    reference_inception = feature_fn(reference)
+    inception = {name: metrics_lib.fidelity(
+        reference_inception, feature_fn(sets[name][0]), k=config["pr_k"],
         kid_subsets=config["kid_subsets"], kid_subset_size=config["kid_subset_size"])
-  steps.update()
-  results["diversity"] = ssim.diversity_by_prompt(images, prompts)
-  steps.update()
-  results["consistency"] = consistency_lib.consistency(prompts, predictions)
-  steps.update()
-  density = anatomy_checks.vessel_density_comparison(images, reference)
-  results["anatomy"] = {
-      "vessel_density": {k: density[k] for k in ("generated_mean", "reference_mean",
-                                                 "abs_difference")},
-      "disc_side": anatomy_checks.disc_side_agreement(images, prompts)}
-  results["plots"] = {"vessel_density": {"generated": density["generated"],
-                                         "reference": density["reference"]}}
-  steps.update()
-  results["privacy"] = privacy.audit(
-      images, reference, gen_feat, ref_feat, pixel_threshold=config["pixel_threshold"],
-      feature_threshold=config["feature_threshold"], num_pairs=config["num_pairs"])
-  steps.update()
+                 for name in ("generated", "phantoms", "blurred")}
+    results["fidelity_inception"] = inception["generated"]
+    row = readings_lib.Row("FID (user-supplied Inception)", None, readings_lib.LOWER, "blurred",
+                           "Inception", relative=True)
+    extra.append(readings_lib.table_row(
+        row, *(inception[n]["frechet_distance"] for n in ("generated", "phantoms", "blurred"))))
   if heldout_images is not None:
     asked = [captions.parse_caption(p).dr_grade for p in prompts]
     keep = np.array([g is not None for g in asked])
@@ -220,33 +265,38 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
               "real_grades": np.array([l.dr_grade for l in reference_labels])[graded]}
     results["utility"] = utility.tstr(
         images[keep], np.array([g for g in asked if g is not None]),
-        evaluator_lib.resize(heldout_images, images.shape[1]),
+        evaluator_lib.resize(heldout_images, size),
         np.array([l.dr_grade for l in heldout_labels]),
+        matched_images=matched[keep],
+        matched_grades=np.array([l.dr_grade for l in matched_labels])[keep],
         config=config["utility"], **real)
+    extra += _utility_rows(results["utility"])
+  steps.update()
+  results["table"] = readings_lib.rows(readings, extra)
+  results["sets"] = {name: {k: v for k, v in r.items() if k not in ("features", "predictions")}
+                     for name, r in readings.items()}
+  generated["quality_good"] = evaluator_lib.predict_proba(
+      ev.model, ev.params, ev.prepare(images))["quality"][:, 0].tolist()
+  if selector_scores is not None:
+    results["selector"] = _selector_section(selector_scores, generated)
   steps.update()
   steps.close()
-  if selector_scores is not None:
-    scores = np.asarray(selector_scores, float)
-    agree = np.asarray(results["consistency"]["per_image_fraction"], float)
-    # A Selector the generator has learnt to please stops tracking independent agreement.
-    # Partial agreement: the all-or-nothing rate is constant (0) for a small model.
-    stated = np.isfinite(agree)
-    scores_stated, agree = scores[stated], agree[stated]
-    rho = (float(stats.spearmanr(scores_stated, agree).statistic)
-           if len(agree) > 1 and np.ptp(scores_stated) > 0 and np.ptp(agree) > 0
-           else float("nan"))
-    results["selector"] = {"mean": float(scores.mean()), "scores": scores.tolist(),
-                           "spearman_vs_consistency": rho}
-  results["table"] = _table(results)
 
   metrics_path = out / "metrics.json"
-  metrics_path.write_text(json.dumps(results, indent=2, default=float))
+  metrics_path.write_text(json.dumps(results, indent=2, default=_json_default))
   report_path = out / "report.html"
   report_path.write_text(report.render(results, images=images, prompts=prompts,
                                        training_images=reference, sections=sections),
                          encoding="utf-8")
   log.info("wrote %s and %s", metrics_path, report_path)
   return {**results, "metrics_json": str(metrics_path), "report": str(report_path)}
+
+
+def _json_default(value):
+  """numpy scalars and arrays in metrics.json."""
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return float(value)
 
 
 PHANTOM = "phantom"  # `evaluate_checkpoint(data=...)`: the phantom splits, rendered from seeds

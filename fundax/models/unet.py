@@ -27,8 +27,10 @@ from fundax.models.layers import Dtype
 log = logging.getLogger(__name__)
 
 # UNetConfig fields of fundax's own, not in a diffusers config.json.
-_FUNDAX_FIELDS = ("prediction_type", "remat", "conv_impl", "attention_impl", "attention_chunk",
-                  "matmul_dtype")
+_FUNDAX_FIELDS = ("prediction_type", "coordinate_input", "remat", "conv_impl",
+                  "attention_impl", "attention_chunk", "matmul_dtype")
+# ... of which these change what the network computes (stored in fundax checkpoints).
+_MODEL_FIELDS = ("prediction_type", "coordinate_input")
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -80,6 +82,12 @@ class UNetConfig:
   # fundax only: what the output means ("epsilon", "v_prediction", "sample"), for the
   # diffusion code; the network does not use it.
   prediction_type: str = "epsilon"
+  # fundax only: append two constant channels (x and y, -1 to 1 across the latent) to the
+  # input of conv_in, which then takes in_channels + 2. A convolution stack only knows where
+  # it is from its zero padding; at zero terminal SNR the first sampling step sees pure noise,
+  # so a layout the text decides (the optic disc on the eye's side) must come from position.
+  # Not a diffusers option: such a UNet is not exported (see `to_diffusers`).
+  coordinate_input: bool = False
   # fundax only: rematerialise each down/mid/up block in the backward pass.
   remat: bool = False
   # fundax only, how the same maths is computed (fundax.models.lowering; parameters are the
@@ -161,8 +169,24 @@ class UNetConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in names}, **overrides)
 
+  def to_checkpoint(self) -> dict[str, Any]:
+    """The diffusers config.json dict plus the fundax fields that change what the network
+    computes (prediction_type, coordinate_input): what a fundax checkpoint stores."""
+    out = {"_class_name": "UNet2DConditionModel"}
+    for k, v in dataclasses.asdict(self).items():
+      if k not in _FUNDAX_FIELDS or k in _MODEL_FIELDS:
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
   def to_diffusers(self) -> dict[str, Any]:
-    """Returns a diffusers UNet2DConditionModel config.json dict (fundax fields dropped)."""
+    """Returns a diffusers UNet2DConditionModel config.json dict (fundax fields dropped).
+
+    Raises:
+      ValueError: the UNet reads coordinate channels, which diffusers' UNet does not add.
+    """
+    if self.coordinate_input:
+      raise ValueError("this UNet reads two coordinate channels (coordinate_input=True) that "
+                       "diffusers' UNet2DConditionModel does not add; it has no diffusers form")
     out = {"_class_name": "UNet2DConditionModel"}
     for k, v in dataclasses.asdict(self).items():
       if k not in _FUNDAX_FIELDS:
@@ -217,6 +241,8 @@ class UNet2DConditionModel(nn.Module):
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, lowering,
                                    name="time_embedding", **kw)(t_emb)  # [B, T]
 
+    if cfg.coordinate_input:
+      sample = jnp.concatenate([sample, coordinate_channels(sample)], axis=-1)
     x = layers.conv2d(channels[0], cfg.conv_in_kernel, name="conv_in", lowering=lowering,
                       **kw)(sample)
     skips = (x,)
@@ -250,6 +276,13 @@ class UNet2DConditionModel(nn.Module):
     x = act(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
     return layers.conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out",
                          lowering=lowering, **kw)(x)
+
+
+def coordinate_channels(sample: jax.Array) -> jax.Array:
+  """[B, h, w, 2] in sample's dtype: x (left -1 to right 1) and y (top -1 to bottom 1)."""
+  b, h, w, _ = sample.shape
+  y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+  return jnp.broadcast_to(jnp.stack([x, y], -1), (b, h, w, 2)).astype(sample.dtype)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -74,8 +74,11 @@ def stand_in_labels(image, prompt: str) -> dict[str, Any]:
   defects = quality_defects(image)
   quality = ("good", "usable")[len(defects)] if len(defects) < 2 else "reject"
   laterality = stated.laterality
-  if laterality is not None and stated.field != "disc-centred":
-    laterality = anatomy_checks.disc_side(image)
+  if laterality is not None:
+    # The eye the image shows: the disc's side, or for a disc-centred photograph the side
+    # opposite the fovea (None when the detectors find neither).
+    laterality = (anatomy_checks.disc_side(image) if stated.field != "disc" else
+                  {"left": "right", "right": "left"}.get(anatomy_checks.fovea_side(image)))
   labels = dataclasses.replace(stated, laterality=laterality, quality=quality,
                                quality_defects=defects)
   return labels.to_dict()

@@ -68,7 +68,8 @@ class HeldoutEvaluator:
     proba = evaluator_lib.predict_proba(self.evaluator.model, self.evaluator.params,
                                         self.evaluator.prepare(images))
     predictions = self.evaluator.predict(images)
-    agree = consistency_lib.consistency(list(prompts), predictions)["stated_agree_fraction"]
+    agree = consistency_lib.consistency(list(prompts), predictions,
+                                        scored=self.evaluator.readable)["stated_agree_fraction"]
     div = ssim.diversity_by_prompt(images, list(prompts))
     audit = privacy.audit(images, self.training_images, features, self._training_features,
                           pixel_threshold=self.pixel_threshold,

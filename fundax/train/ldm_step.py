@@ -57,16 +57,19 @@ def conditioning(models: sampling.Models, text_params, batch):
   return states, batch["attention_mask"]
 
 
-def drop_captions(models: sampling.Models, text_params, states, mask, probability: float, rng):
+def drop_captions(models: sampling.Models, text_params, states, mask, probability: float, rng,
+                  empty=None):
   """Replaces each example's prompt by the empty prompt with the given probability.
 
   Args:
     models: the models (for the empty-prompt embedding).
-    text_params: frozen text encoder params.
+    text_params: frozen text encoder params (unused when `empty` is given).
     states: token states [B, L, D].
     mask: attention mask [B, L].
     probability: drop probability in [0, 1] (static).
     rng: key for the per-example coin flips.
+    empty: the empty prompt's (states [1, L, D], mask [1, L]), computed once by the caller;
+      None encodes it here (one text-encoder pass per step).
 
   Returns:
     (states, mask, dropped [B] bool).
@@ -75,7 +78,8 @@ def drop_captions(models: sampling.Models, text_params, states, mask, probabilit
   dropped = jax.random.bernoulli(rng, probability, (batch,))
   if probability <= 0:
     return states, mask, dropped
-  empty_states, empty_mask = sampling.empty_text(models, text_params, length)
+  empty_states, empty_mask = (sampling.empty_text(models, text_params, length) if empty is None
+                              else empty)
   states = jnp.where(dropped[:, None, None], empty_states.astype(states.dtype), states)
   mask = jnp.where(dropped[:, None], empty_mask.astype(mask.dtype), mask)
   return states, mask, dropped
@@ -88,9 +92,9 @@ def _noised_inputs(models: sampling.Models, frozen, batch, rng, caption_dropout:
     latents = batch["latents"].astype(jnp.float32)
   else:
     latents = encode_latents(models, frozen["vae"], batch["image"], rng_latent)
-  states, mask = conditioning(models, frozen["text"], batch)
-  states, mask, dropped = drop_captions(models, frozen["text"], states, mask, caption_dropout,
-                                        rng_drop)
+  states, mask = conditioning(models, frozen.get("text"), batch)
+  states, mask, dropped = drop_captions(models, frozen.get("text"), states, mask,
+                                        caption_dropout, rng_drop, frozen.get("empty_text"))
   b = latents.shape[0]
   t = jax.random.randint(rng_t, (b,), 0, models.schedule.num_train_timesteps)
   noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
@@ -119,7 +123,9 @@ def ldm_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
       [B, L] or "text_embeddings" [B, L, D] (+ optional "attention_mask"); optional "weights"
       [B] per-example loss weights.
     rng: the run's train key (the step folds in `state.step`).
-    frozen: {"vae": VAE params, "text": text encoder params}.
+    frozen: {"vae": VAE params, "text": text encoder params}; with cached "latents" and
+      "text_embeddings" in the batch, {"empty_text": (states [1, L, D], mask [1, L])} (the
+      empty prompt, encoded once) is enough.
     models: the static models.
     tx: the optimizer the state was created with.
     config: step config (caption_dropout, snr_gamma, ema_decay); see the module docstring.

@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fundax.models import vae as vae_lib
@@ -34,15 +35,23 @@ from fundax.train import guard
 from fundax.train import state as state_lib
 
 
-def _gaussian_window(size: int, sigma: float) -> jax.Array:
-  x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-  g = jnp.exp(-0.5 * (x / sigma) ** 2)
-  g = g / g.sum()
-  return jnp.outer(g, g)
+def _gaussian_band(length: int, window: int, sigma: float) -> np.ndarray:
+  """[length - window + 1, length]: row i holds the normalised Gaussian taps at i..i+window-1."""
+  x = np.arange(window, dtype=np.float64) - (window - 1) / 2
+  taps = np.exp(-0.5 * (x / sigma) ** 2)
+  taps /= taps.sum()
+  band = np.zeros((length - window + 1, length), np.float32)
+  for i in range(len(band)):
+    band[i, i:i + window] = taps
+  return band
 
 
 def ssim(a, b, *, window: int = 11, sigma: float = 1.5):
   """Per-example structural similarity (Wang et al. 2004) of images in [-1, 1].
+
+  The Gaussian window is separable, applied as two banded matrix products (one per axis)
+  over the valid positions: on XLA:CPU a depthwise 11x11 convolution cost about a third of
+  a 64 px VAE step.
 
   Args:
     a, b: [B, H, W, C] images in [-1, 1] (H, W >= window).
@@ -53,13 +62,11 @@ def ssim(a, b, *, window: int = 11, sigma: float = 1.5):
   """
   a = (a.astype(jnp.float32) + 1) / 2
   b = (b.astype(jnp.float32) + 1) / 2
-  channels = a.shape[-1]
-  kernel = jnp.tile(_gaussian_window(window, sigma)[:, :, None, None], (1, 1, 1, channels))
+  rows = jnp.asarray(_gaussian_band(a.shape[1], window, sigma))
+  cols = jnp.asarray(_gaussian_band(a.shape[2], window, sigma))
 
   def blur(x):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=channels)
+    return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols)
 
   c1, c2 = 0.01 ** 2, 0.03 ** 2
   mu_a, mu_b = blur(a), blur(b)

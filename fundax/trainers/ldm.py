@@ -13,6 +13,8 @@ networks' params and the model configs, so a checkpoint directory alone is enoug
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import pathlib
 from typing import Any
@@ -24,6 +26,7 @@ import ml_collections
 from fundax import checkpoint
 from fundax import parallel
 from fundax import sampling
+from fundax.data import datasets
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.diffusion import samplers
 from fundax.diffusion import schedules
@@ -31,6 +34,7 @@ from fundax.interop import params_io
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
+from fundax.train import frozen_cache
 from fundax.train import ldm_step
 from fundax.train import loop
 from fundax.train import metric_writers
@@ -109,7 +113,8 @@ def make_unet_config(config: ml_collections.ConfigDict, vae_config: vae_lib.VAEC
       block_out_channels=tuple(u.block_out_channels), down_block_types=down,
       up_block_types=up, layers_per_block=u.layers_per_block,
       cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type, remat=u.remat,
+      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type,
+      coordinate_input=u.coordinate_input, remat=u.remat,
       attention_chunk=u.attention_chunk, attention_impl=u.attention_impl,
       conv_impl=u.conv_impl, matmul_dtype=u.matmul_dtype)
 
@@ -178,6 +183,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if s.guidance_scale < 0 or s.eta < 0:
     problems.append(f"sample.guidance_scale and sample.eta must be >= 0, got "
                     f"{s.guidance_scale} and {s.eta}")
+  if config.scheduler.timestep_spacing not in ("",) + samplers.TIMESTEP_SPACINGS:
+    problems.append(f"scheduler.timestep_spacing must be '' or one of "
+                    f"{samplers.TIMESTEP_SPACINGS}, got {config.scheduler.timestep_spacing!r}")
   if config.scheduler.beta_schedule not in schedules.BETA_SCHEDULES:
     problems.append(f"scheduler.beta_schedule must be one of {schedules.BETA_SCHEDULES}, got "
                     f"{config.scheduler.beta_schedule!r}")
@@ -284,13 +292,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   state, frozen = restored["state"], restored["frozen"]
   log.info("LDM state from %s at step %d", source, int(state.step))
 
-  batches = loop.make_batches(config, data, "train", tokenizer=tokenizer,
-                              max_length=config.max_length, mesh=mesh, train=True)
+  if config.cache.enabled:
+    batches, step_frozen, batch_keys = _cached_inputs(config, data, workdir, models, frozen,
+                                                      tokenizer, reference, mesh)
+    step_frozen_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), step_frozen)
+  else:
+    batches = loop.make_batches(config, data, "train", tokenizer=tokenizer,
+                                max_length=config.max_length, mesh=mesh, train=True)
+    step_frozen, step_frozen_shardings, batch_keys = frozen, frozen_shardings, BATCH_KEYS
   if extras.get("data"):
     batches.set_state(extras["data"])
   step_fn = parallel.jit_step(
       functools.partial(ldm_step.ldm_train_step, models=models, tx=tx, config=config.train),
-      state_shardings, parallel.batch_sharding(mesh), extra_shardings=(frozen_shardings,))
+      state_shardings, parallel.batch_sharding(mesh), extra_shardings=(step_frozen_shardings,))
   checkpoint_config = {"job": config.to_dict(), "models": sampling.models_to_config(models),
                        "tokenizer": reference, "max_length": config.max_length}
 
@@ -328,8 +342,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 
   try:
     result = loop.train_loop(
-        state, step_fn=step_fn, batches=batches, batch_keys=BATCH_KEYS, rng=rng_train,
-        extra=(frozen,), num_steps=config.stop_at_step or config.num_steps, writer=writer,
+        state, step_fn=step_fn, batches=batches, batch_keys=batch_keys, rng=rng_train,
+        extra=(step_frozen,), num_steps=config.stop_at_step or config.num_steps, writer=writer,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
         hooks=[loop.Hook(config.eval_every, eval_hook),
                loop.Hook(config.sample.every, sample_hook)],
@@ -339,6 +353,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     manager.close()
     writer.close()
   return loop.outputs(workdir, writer, result, samples_dir, config.num_steps)
+
+
+def cache_spec(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+               frozen: dict[str, Any], models: sampling.Models,
+               reference: dict[str, Any]) -> frozen_cache.CacheSpec:
+  """What the training split's frozen cache depends on: data files, networks, settings."""
+  vae = frozen_cache.fingerprint_arrays(frozen["vae"]) + json.dumps(
+      models.vae.config.to_diffusers(), sort_keys=True)
+  text = frozen_cache.fingerprint_arrays(frozen["text"]) + json.dumps(
+      [models.text.to_config(), reference], sort_keys=True, default=str)
+  return frozen_cache.CacheSpec(
+      data=frozen_cache.fingerprint_files(datasets.split_files(data, "train")),
+      vae=hashlib.sha256(vae.encode()).hexdigest(),
+      text=hashlib.sha256(text.encode()).hexdigest(),
+      resolution=config.resolution, crop_fov=config.crop_fov, flip=config.flip,
+      random_caption_style=config.random_caption_style, max_length=config.max_length)
+
+
+def _cached_inputs(config, data, workdir, models, frozen, tokenizer, reference, mesh):
+  """(batches, the step's frozen inputs, batch keys) when training on the frozen cache.
+
+  The step then needs neither network: latents and token states come with the batch, and the
+  empty prompt (caption dropout) is encoded here once.
+  """
+  frozen_host = jax.device_get(frozen)
+  spec = cache_spec(config, data, frozen_host, models, reference)
+  cache = frozen_cache.load_or_build(config.cache.dir or workdir / "cache", spec,
+                                     datasets.load_from_config(data, "train"), models,
+                                     frozen_host, tokenizer)
+  batches = frozen_cache.CachedBatches(cache, global_batch_size=config.batch_size,
+                                       seed=config.seed, vae_config=models.vae.config, mesh=mesh)
+  empty = sampling.empty_text(models, frozen["text"], config.max_length)
+  return batches, {"empty_text": empty}, frozen_cache.BATCH_KEYS
 
 
 def _sample_prompts(config, data, tokenizer, mesh) -> list[str]:

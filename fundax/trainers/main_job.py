@@ -210,9 +210,24 @@ def grids_stage(job: Job) -> dict[str, Any]:
 
 
 def evaluator_stage(job: Job) -> dict[str, Any]:
-  """Trains (or resumes) the independent evaluator in `<workdir>/evaluator`."""
-  return evaluator_train.train_evaluator(job.stage_config("evaluator"),
-                                         str(job.workdir / "evaluator"))
+  """Trains (or resumes, or reuses) the independent evaluator.
+
+  With `evaluator_cache` set, the run is keyed by the evaluator config (and the trainer's
+  VERSION): the evaluator shipped with fundax for that recipe when there is one (the
+  Quickstart's), else `<evaluator_cache>/<key>`, trained once per resolution and recipe and
+  reused by every later main job (its held-out table comes with it). Otherwise it trains in
+  `<workdir>/evaluator`.
+  """
+  config = job.stage_config("evaluator")
+  if job.config.evaluator_cache:
+    workdir, finished = evaluator_train.find_run(config, job.config.evaluator_cache)
+  else:
+    workdir = job.workdir / "evaluator"
+    finished = evaluator_train.finished_run(workdir)
+  if finished is not None:
+    log.info("evaluator: reusing the finished run %s (same config)", workdir)
+    return {**finished, "reused": True}
+  return {**evaluator_train.train_evaluator(config, str(workdir)), "reused": False}
 
 
 def selector_stage(job: Job) -> dict[str, Any]:
@@ -284,7 +299,8 @@ def report_stage(job: Job) -> dict[str, Any]:
   options = {"samples_per_prompt": r.samples_per_prompt, "num_steps": r.sampler_steps,
              "guidance_scale": r.guidance_scale, "seed": job.config.seed,
              "batch_size": r.batch_size,
-             "kid_subsets": r.kid_subsets, "utility": {"steps": r.utility_steps}}
+             "kid_subsets": r.kid_subsets, "utility": {"steps": r.utility_steps},
+             "c2st": {"steps": r.c2st_steps}, "num_workers": r.num_workers}
   rlhf = job.results.get("rlhf")
   model = rlhf["best_checkpoint"] if rlhf else job.results["ldm"]["checkpoints"]
   images, repeated = eval_run.generate_from_checkpoint(model, prompts, options)
@@ -311,7 +327,8 @@ def report_stage(job: Job) -> dict[str, Any]:
   return {"report": results["report"], "metrics_json": results["metrics_json"],
           "model": model, "samples": str(samples_dir), "accepted_by_selector": float(np.mean(
               [s["accepted"] for s in scores])),
-          "metrics": {name: value for name, value, _ in results["table"]}}
+          "metrics": {row["metric"]: {k: row[k] for k in ("generated", "phantoms", "control")}
+                      for row in results["table"]}}
 
 
 STAGES: list[Stage] = [
@@ -319,7 +336,7 @@ STAGES: list[Stage] = [
     Stage("vae", vae_stage, ("data", "resolution", "vae")),
     Stage("ldm", ldm_stage, ("data", "resolution", "ldm")),
     Stage("grids", grids_stage, ("grids",)),
-    Stage("evaluator", evaluator_stage, ("resolution", "evaluator")),
+    Stage("evaluator", evaluator_stage, ("resolution", "evaluator", "evaluator_cache")),
     Stage("selector", selector_stage, ("resolution", "selector")),
     Stage("rlhf", rlhf_stage, ("rlhf",)),
     Stage("report", report_stage, ("data", "resolution", "report")),

@@ -17,9 +17,11 @@ from fundax.data.phantom.case import Case
 from fundax.data.phantom.case import sample_case
 from fundax.data.phantom.quality import grade_quality
 from fundax.data.phantom.render import MASK_NAMES
+from fundax.data.phantom.render import MIN_RESOLUTION
 from fundax.data.phantom.render import PhantomSample
 from fundax.data.phantom.render import generate
+from fundax.data.phantom.render import generate_images
 from fundax.data.phantom.render import render
 
 __all__ = ["CASE_MIX", "CONSTRAINTS", "Case", "sample_case", "grade_quality", "MASK_NAMES",
-           "PhantomSample", "generate", "render"]
+           "MIN_RESOLUTION", "PhantomSample", "generate", "generate_images", "render"]

@@ -129,3 +129,47 @@ def generate(seed: int, resolution: int = 128, **constraints) -> PhantomSample:
   """
   _check_resolution(resolution)
   return render(case_lib.sample_case(np.random.default_rng(seed), **constraints), resolution)
+
+
+def _image_and_labels(args) -> tuple[np.ndarray, str]:
+  seed, resolution, constraints = args
+  sample = generate(seed, resolution, **constraints)
+  return sample.image, sample.labels.to_json()
+
+
+def generate_images(seeds, resolution: int, constraints=None, *, num_workers: int = 0,
+                    progress=None) -> tuple[np.ndarray, list[labels_lib.FundusLabels]]:
+  """Renders many phantoms, keeping only their images and labels (no masks, no records).
+
+  Args:
+    seeds: case seeds.
+    resolution: image side length, 64 to 1024.
+    constraints: None, or one constraints dict (see case.sample_case) per seed.
+    num_workers: processes that render (0 or 1: this process). The images do not depend on
+      it. Processes are spawned, not forked: forking a process that runs JAX can deadlock.
+    progress: optional callable wrapping the result iterator (e.g. a tqdm factory).
+
+  Returns:
+    (uint8 images [N, resolution, resolution, 3], the N FundusLabels).
+  """
+  import multiprocessing  # pylint: disable=g-import-not-at-top  (only this path needs it)
+  _check_resolution(resolution)
+  seeds = [int(s) for s in seeds]
+  constraints = [{}] * len(seeds) if constraints is None else list(constraints)
+  if len(constraints) != len(seeds):
+    raise ValueError(f"{len(seeds)} seeds but {len(constraints)} constraint sets")
+  args = list(zip(seeds, [resolution] * len(seeds), constraints))
+  wrap = progress or (lambda it, total: it)
+
+  def collect(results):
+    images = np.empty((len(args), resolution, resolution, 3), np.uint8)
+    labels = []
+    for i, (image, label) in enumerate(wrap(results, len(args))):
+      images[i] = image
+      labels.append(labels_lib.FundusLabels.from_json(label))
+    return images, labels
+
+  if num_workers <= 1:
+    return collect(map(_image_and_labels, args))
+  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    return collect(pool.imap(_image_and_labels, args, chunksize=16))
