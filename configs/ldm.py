@@ -44,6 +44,10 @@ def get_config(arg=None):
   c.data = data_config(pick("phantom", "phantom_tiny", "phantom_256"))
   c.resolution = pick(128, 32, 256)  # training image side, px
   c.flip = True  # random laterality-aware horizontal flips
+  # "right": every eye is shown in the right eye's orientation (left eyes mirrored, captions
+  # unchanged) and left-eye samples are mirrored after decoding, so the disc is on the eye's
+  # side by construction; "" learns the side from the caption (README, "The generator").
+  c.canonical_eye = ""
   c.crop_fov = False  # crop photographs to the field of view (phantom images are centred)
   c.random_caption_style = True  # captions in a random style per example
   c.max_length = pick(160, 8, 160)  # token sequence length L: no phantom caption is cut

@@ -75,8 +75,10 @@ def get_config(arg=None):
   # zero-terminal-SNR schedule with trailing sampler steps (sampling starts from pure noise,
   # so the layout must come from the text, not from signal left in x_T), no min-SNR weighting
   # (with v-prediction it would zero the high-noise steps where the layout is decided), and
-  # coordinate channels so that the text can place the optic disc.
+  # coordinate channels; every eye in the right eye's orientation, left-eye samples mirrored
+  # (the UNet did not learn the side from the caption: README, "The generator").
   u = c.ldm
+  u.canonical_eye = "right"
   u.text_encoder = "random" if test else "minilm"
   u.cache.enabled = not test
   u.unet.prediction_type = "v_prediction"

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fundax import checkpoint
+from fundax.data import caption_parser
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.diffusion import samplers
 from fundax.diffusion import schedules
@@ -46,6 +47,8 @@ from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
 
 log = logging.getLogger(__name__)
+
+CANONICAL_EYES = ("", "right")  # "": images in their own orientation
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +62,9 @@ class Models:
     scheduler: diffusers-style scheduler config (see `schedules.make_schedule_from_config`).
     special_tokens: [CLS], [SEP], [PAD] ids of the vocabulary (for the empty prompt).
     text_mask: pass the token attention mask to the UNet's cross-attention.
+    canonical_eye: "" or "right": the UNet was trained on every eye in the right eye's
+      orientation (left eyes mirrored, captions naming their own eye), so a left-eye prompt's
+      image is mirrored after decoding (`eye_mirror`): laterality holds by construction.
     schedule: the noise `Schedule` built from `scheduler` (derived, not an argument).
   """
   unet: unet_lib.UNet2DConditionModel
@@ -67,9 +73,13 @@ class Models:
   scheduler: dict[str, Any]
   special_tokens: text_lib.SpecialTokens = text_lib.UNCASED_BERT_TOKENS
   text_mask: bool = True
+  canonical_eye: str = ""
   schedule: schedules.Schedule = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
+    if self.canonical_eye not in CANONICAL_EYES:
+      raise ValueError(f"canonical_eye must be one of {CANONICAL_EYES}, got "
+                       f"{self.canonical_eye!r}")
     # Built once, eagerly and concretely (even if Models is made inside a trace), so that
     # every jit reuses the same constant arrays.
     with jax.ensure_compile_time_eval():
@@ -134,8 +144,23 @@ def decode_latents(models: Models, vae_params, latents):
   return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
 
+def eye_mirror(models: Models, prompts: list[str]) -> np.ndarray:
+  """bool [B]: which prompts' images to mirror after decoding (a stated eye other than the
+  model's canonical one; all False for a model without one). A prompt that states no eye
+  gets the canonical orientation."""
+  if not models.canonical_eye:
+    return np.zeros(len(prompts), bool)
+  eyes = [caption_parser.parse_caption(p).laterality for p in prompts]
+  return np.array([e is not None and e != models.canonical_eye for e in eyes], bool)
+
+
+def mirror_images(images, mirror):
+  """Images [B, H, W, C] with those where `mirror` [B] is true flipped left-right."""
+  return jnp.where(jnp.asarray(mirror)[:, None, None, None], images[:, :, ::-1], images)
+
+
 def generate(params, models: Models, input_ids, attention_mask, key, *, sampler: str = "ddim",
-             num_steps: int = 50, guidance_scale=7.5, eta=0.0,
+             num_steps: int = 50, guidance_scale=7.5, eta=0.0, mirror=None,
              latent_shape: tuple[int, int, int] | None = None, return_latents: bool = False):
   """Generates images from tokenised prompts. Pure and jittable; vmap it over keys freely.
 
@@ -150,8 +175,10 @@ def generate(params, models: Models, input_ids, attention_mask, key, *, sampler:
     guidance_scale: classifier-free guidance weight (traced); None (static) disables guidance
       and halves the UNet work.
     eta: DDIM stochasticity, 0 = deterministic (traced).
+    mirror: optional bool [B] (traced): images to flip left-right after decoding, for a model
+      with a canonical eye (`tokenize_prompts(...)["mirror"]`, `eye_mirror`); None: none.
     latent_shape: (h, w, c) of a latent (static); default from the UNet's sample_size.
-    return_latents: also return the final latents (static).
+    return_latents: also return the final latents (static; in the canonical orientation).
 
   Returns:
     Images [B, H, W, 3] float32 in [-1, 1]; with return_latents, (images, latents [B, h, w, c]).
@@ -173,6 +200,8 @@ def generate(params, models: Models, input_ids, attention_mask, key, *, sampler:
       guidance_scale=1.0 if guidance_scale is None else guidance_scale, eta=eta,
       prediction_type=models.prediction_type, **models.timestep_options)
   images = decode_latents(models, params["vae"], latents)
+  if mirror is not None:
+    images = mirror_images(images, mirror)
   return (images, latents) if return_latents else images
 
 
@@ -187,14 +216,16 @@ def make_generate_fn(models: Models, *, sampler: str = "ddim", num_steps: int = 
     latent_shape: (h, w, c); default from the UNet's sample_size.
 
   Returns:
-    `fn(params, input_ids, attention_mask, key, guidance_scale=7.5, eta=0.0) -> images`;
-    guidance_scale and eta are traced, so new values reuse the compiled program.
+    `fn(params, input_ids, attention_mask, key, guidance_scale=7.5, eta=0.0, mirror=None)
+    -> images`; guidance_scale, eta and mirror are traced, so new values reuse the compiled
+    program.
   """
   @jax.jit
-  def generate_fn(params, input_ids, attention_mask, key, guidance_scale=7.5, eta=0.0):
+  def generate_fn(params, input_ids, attention_mask, key, guidance_scale=7.5, eta=0.0,
+                  mirror=None):
     return generate(params, models, input_ids, attention_mask, key, sampler=sampler,
                     num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                    latent_shape=latent_shape)
+                    mirror=mirror, latent_shape=latent_shape)
   return generate_fn
 
 
@@ -208,6 +239,7 @@ def models_to_config(models: Models) -> dict[str, Any]:
       "scheduler": dict(models.scheduler),
       "special_tokens": list(models.special_tokens),
       "text_mask": bool(models.text_mask),
+      "canonical_eye": models.canonical_eye,
   }
 
 
@@ -240,7 +272,7 @@ def models_from_config(config: dict[str, Any], *, dtype=jnp.float32,
       text=text_lib.make_text_encoder(config["text"], dtype=dtype),
       scheduler=dict(config["scheduler"]),
       special_tokens=text_lib.SpecialTokens(*config["special_tokens"]),
-      text_mask=bool(config["text_mask"]))
+      text_mask=bool(config["text_mask"]), canonical_eye=config.get("canonical_eye", ""))
 
 
 class Pipeline(NamedTuple):
@@ -345,8 +377,9 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, n
 
 
 def tokenize_prompts(pipeline: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
-  """`tokenize` with a pipeline's tokenizer and token length."""
-  return tokenize(pipeline.tokenizer, list(prompts), pipeline.max_length)
+  """`tokenize` with a pipeline's tokenizer and token length, plus "mirror" (`eye_mirror`)."""
+  return {**tokenize(pipeline.tokenizer, list(prompts), pipeline.max_length),
+          "mirror": eye_mirror(pipeline.models, list(prompts))}
 
 
 def sample_prompts(pipeline: Pipeline, prompts: list[str], key, *, sampler: str = "ddim",
@@ -367,7 +400,7 @@ def sample_prompts(pipeline: Pipeline, prompts: list[str], key, *, sampler: str 
   images = jax.jit(functools.partial(
       generate, models=pipeline.models, sampler=sampler, num_steps=num_steps))(
           pipeline.params, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-          key=key, guidance_scale=guidance_scale, eta=eta)
+          key=key, guidance_scale=guidance_scale, eta=eta, mirror=tokens["mirror"])
   return np.asarray(images)
 
 

@@ -129,11 +129,12 @@ def test_generate_from_checkpoint_glue(monkeypatch):
   monkeypatch.setattr(sampling, "load_pipeline", lambda d: type("P", (), {
       "models": None, "params": {"checkpoint": d}})())
   monkeypatch.setattr(sampling, "tokenize_prompts", lambda p, prompts: {
-      "input_ids": np.array([[len(t)] for t in prompts]), "attention_mask": None})
+      "input_ids": np.array([[len(t)] for t in prompts]), "attention_mask": None,
+      "mirror": np.array([t == "bb" for t in prompts])})
 
   def make_generate_fn(models, num_steps):
-    def fn(params, ids, mask, key, guidance):
-      calls.append((params["checkpoint"], len(ids), num_steps, guidance))
+    def fn(params, ids, mask, key, guidance, mirror):
+      calls.append((params["checkpoint"], len(ids), num_steps, guidance, list(mirror)))
       return np.broadcast_to(ids[:, :, None, None] / 100.0, (len(ids), 64, 64, 3))
     return fn
   monkeypatch.setattr(sampling, "make_generate_fn", make_generate_fn)
@@ -142,4 +143,5 @@ def test_generate_from_checkpoint_glue(monkeypatch):
   assert prompts == ["a"] * 3 + ["bb"] * 3
   assert images.shape == (6, 64, 64, 3)
   np.testing.assert_allclose(images[:, 0, 0, 0], [0.01] * 3 + [0.02] * 3)
-  assert calls == [("/ckpt", 4, 7, 7.5)] * 2  # the last batch is padded: one compile
+  # The last batch is padded (one compile); each prompt's mirror flag reaches the sampler.
+  assert calls == [("/ckpt", 4, 7, 7.5, [False] * 3 + [True]), ("/ckpt", 4, 7, 7.5, [True] * 4)]

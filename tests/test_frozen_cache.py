@@ -99,6 +99,27 @@ def test_cache_holds_what_each_step_would_encode(setup):
   np.testing.assert_allclose(sample[0], expected, rtol=1e-5)
 
 
+def test_canonical_batches_show_every_eye_as_a_right_eye_with_its_own_caption(setup):
+  data, models, _, _, _, _, cache = setup
+  source = datasets.load_from_config(data, "train")
+  eyes = [features.decode_example(source[i])["labels"].laterality for i in range(4)]
+  assert list(cache.laterality) == [("right", "left").index(e) for e in eyes]
+  assert set(eyes) == {"right", "left"}  # the test can fail
+  batches = frozen_cache.CachedBatches(cache, global_batch_size=4, seed=0,
+                                       vae_config=models.vae.config, canonical_eye="right")
+  rng = np.random.default_rng([0, 0, 0, 1])  # step 0's draws, as CachedBatches makes them
+  rng.integers(2, size=4)
+  styles = rng.integers(captions.NUM_STYLES, size=4)
+  noise = rng.standard_normal((4, 16, 16, 4)).astype(np.float32)
+  batch = next(batches)
+  rows = batches._rows(0)  # pylint: disable=protected-access
+  left = np.array([eyes[r] == "left" for r in rows], int)
+  expected = frozen_cache.assemble(cache, rows, left, styles, noise, models.vae.config,
+                                   np.zeros(4, int))
+  for key in ("latents", "text_embeddings", "attention_mask"):
+    np.testing.assert_array_equal(batch[key], expected[key])
+
+
 def test_cache_is_found_again_and_rebuilt_when_its_inputs_change(setup, tmp_path):
   data, models, frozen, spec, tokenizer, root, cache = setup
   assert frozen_cache.load(root / spec.key, spec) is not None

@@ -1,5 +1,6 @@
 """Tests for fundax.data.pipeline: preprocessing, flips, order, sharding, resume, config checks."""
 
+import dataclasses
 import json
 
 import jax
@@ -132,6 +133,30 @@ def test_flip_mirrors_pixels_labels_and_caption(source):
   left_eye = [captions.caption(flipped_labels, s) for s in range(captions.NUM_STYLES)]
   assert plain["caption"] in right_eye and plain["caption"] not in left_eye
   assert flipped["caption"] in left_eye and flipped["caption"] not in right_eye
+
+
+def test_canonical_eye_mirrors_the_other_eye_and_keeps_its_caption(source):
+  rec = source[0]  # a right eye
+  as_left = dict(rec, labels=FundusLabels.from_json(rec["labels"]).flipped().to_json())
+  for seed in range(4):  # no random flip: right eyes stay, left eyes are always mirrored
+    right = pipeline.preprocess_example(rec, np.random.default_rng(seed), resolution=RES,
+                                        canonical_eye="right")
+    left = pipeline.preprocess_example(as_left, np.random.default_rng(seed), resolution=RES,
+                                       canonical_eye="right")
+    plain = pipeline.preprocess_example(rec, _find_rng(rec, False), resolution=RES)
+    np.testing.assert_array_equal(right["image"], plain["image"])
+    np.testing.assert_array_equal(left["image"], plain["image"][:, ::-1])
+    assert not right["flipped"] and left["flipped"]
+    labels = FundusLabels.from_json(left["labels"])
+    assert labels.laterality == "left" and left["laterality"] == 1
+    assert left["caption"] in [captions.caption(labels, s) for s in range(captions.NUM_STYLES)]
+  # An eye of unknown side is still flipped at random.
+  unknown = dict(rec, labels=dataclasses.replace(FundusLabels.from_json(rec["labels"]),
+                                                 laterality=None).to_json())
+  flips = {bool(pipeline.preprocess_example(unknown, np.random.default_rng(s), resolution=RES,
+                                            canonical_eye="right")["flipped"])
+           for s in range(16)}
+  assert flips == {False, True}
 
 
 def test_stored_caption_only_without_flips(source):

@@ -1,5 +1,6 @@
 """Tests for the public sampling API (fundax.sampling) on a tiny random latent diffusion model."""
 
+import dataclasses
 import json
 
 import jax
@@ -116,6 +117,27 @@ def _sample_loop_kwargs(models, params, monkeypatch):
   jax.eval_shape(lambda p: sampling.generate(p, models, ids, mask, jax.random.key(0),
                                              sampler="ddim", num_steps=STEPS), params)
   return seen
+
+
+def test_canonical_eye_mirrors_the_other_eyes_samples(tiny):
+  models, params, fn, _ = tiny
+  canonical = dataclasses.replace(models, canonical_eye="right")
+  asks = ["Colour fundus photograph of the left eye.", "OD, macula-centred.", "OS.",
+          "A fundus photograph."]
+  np.testing.assert_array_equal(sampling.eye_mirror(canonical, asks),
+                                [True, False, True, False])
+  assert not sampling.eye_mirror(models, asks).any()
+  ids, mask = prompts()
+  key = jax.random.key(3)
+  plain = np.asarray(fn(params, ids, mask, key, 2.0))
+  mirror = np.array([True, False])
+  mirrored = np.asarray(fn(params, ids, mask, key, 2.0, 0.0, mirror))
+  np.testing.assert_array_equal(mirrored[0], plain[0][:, ::-1])
+  np.testing.assert_array_equal(mirrored[1:], plain[1:])
+  config = json.loads(json.dumps(sampling.models_to_config(canonical)))
+  assert sampling.models_from_config(config).canonical_eye == "right"
+  with pytest.raises(ValueError, match="canonical_eye"):
+    dataclasses.replace(models, canonical_eye="left")
 
 
 def test_scheduler_spacing_reaches_the_sampling_loop(tiny, monkeypatch):

@@ -139,7 +139,8 @@ def _label_codes(labels: labels_lib.FundusLabels) -> dict[str, np.int32]:
 
 def preprocess_example(example: dict[str, Any], rng: np.random.Generator, *, resolution: int,
                        flip: bool = True, random_caption_style: bool = True,
-                       crop_fov: bool = True, valid: bool = True) -> dict[str, Any]:
+                       crop_fov: bool = True, valid: bool = True,
+                       canonical_eye: str = "") -> dict[str, Any]:
   """Turns one stored record into a model-ready example (no tokenisation; that is per batch).
 
   Args:
@@ -152,6 +153,10 @@ def preprocess_example(example: dict[str, Any], rng: np.random.Generator, *, res
       when flips are on, and the stored caption when they are off.
     crop_fov: crop to the field of view first (real photographs); off for pre-cropped images.
     valid: False for padding examples of an eval batch (carried as the "valid" field).
+    canonical_eye: "" or "right": an eye of the other side is mirrored into this one's
+      orientation with its labels and caption unchanged (they still name its own eye), and
+      random flips apply only to images of unknown laterality. A generator trained so draws
+      one orientation and mirrors left-eye samples (`sampling.eye_mirror`).
 
   Returns:
     dict: "image" float32 [R, R, 3] in [-1, 1]; "caption", "id", "labels" (JSON, after the
@@ -169,7 +174,12 @@ def preprocess_example(example: dict[str, Any], rng: np.random.Generator, *, res
   # (and so the rest of a run) unchanged.
   flipped = bool(rng.random() < 0.5) and flip
   style = int(rng.integers(captions.NUM_STYLES))
-  if flipped:
+  canonical = canonical_eye and labels.laterality is not None
+  if canonical:
+    flipped = labels.laterality != canonical_eye
+    if flipped:
+      image = image[:, ::-1]  # the labels keep their own eye
+  elif flipped:
     image = image[:, ::-1]
     labels = labels.flipped()
   if random_caption_style:
@@ -246,7 +256,7 @@ class GlobalBatchIterator:
 def make_pipeline(source: Sequence[dict[str, Any]], *, global_batch_size: int, resolution: int,
                   max_length: int, tokenizer: tokenizer_lib.Tokenizer, seed: int,
                   flip: bool = True, random_caption_style: bool = True, crop_fov: bool = True,
-                  shuffle: bool = True, num_epochs: int | None = None,
+                  canonical_eye: str = "", shuffle: bool = True, num_epochs: int | None = None,
                   mesh: jax.sharding.Mesh | None = None, drop_remainder: bool = True,
                   process_index: int | None = None, process_count: int | None = None,
                   num_threads: int = 2, prefetch: int = 4) -> GlobalBatchIterator:
@@ -261,6 +271,7 @@ def make_pipeline(source: Sequence[dict[str, Any]], *, global_batch_size: int, r
     seed: shuffle and augmentation seed.
     flip: random laterality-aware horizontal flips (see `preprocess_example`).
     random_caption_style: captions from the labels in a random style (see `preprocess_example`).
+    canonical_eye: every eye in this one's orientation (see `preprocess_example`).
     crop_fov: crop each photograph to its field of view.
     shuffle: shuffle the records, differently each epoch.
     num_epochs: passes over the data; None repeats forever (training).
@@ -318,7 +329,7 @@ def make_pipeline(source: Sequence[dict[str, Any]], *, global_batch_size: int, r
     record = source[shard[local_index if valid else 0]]
     return preprocess_example(record, rng, resolution=resolution, flip=flip,
                               random_caption_style=random_caption_style, crop_fov=crop_fov,
-                              valid=valid)
+                              valid=valid, canonical_eye=canonical_eye)
 
   def add_tokens(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, **tokenizer_lib.tokenize(tokenizer, list(batch["caption"]), max_length)}

@@ -85,7 +85,8 @@ def generate_from_checkpoint(checkpoint_dir: str, prompts: Sequence[str],
     # The last batch is padded to full size so the jitted sampler compiles once.
     tokens = sampling.tokenize_prompts(pipeline, batch + [batch[-1]] * (bs - len(batch)))
     out = generate_fn(pipeline.params, tokens["input_ids"], tokens["attention_mask"],
-                      jax.random.fold_in(key, start), config["guidance_scale"])
+                      jax.random.fold_in(key, start), config["guidance_scale"],
+                      mirror=tokens["mirror"])
     images.append(np.asarray(out)[:len(batch)])
   return np.concatenate(images), repeated
 

@@ -56,8 +56,8 @@ def conditioning(models: sampling.Models, text_params, input_ids, attention_mask
   return (states, attention_mask), uncond
 
 
-def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale, eta, *,
-            models: sampling.Models, num_steps: int) -> Rollout:
+def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale, eta,
+            mirror=None, *, models: sampling.Models, num_steps: int) -> Rollout:
   """Samples trajectories with DDIM (eta > 0 makes every step but the last stochastic).
 
   Args:
@@ -68,6 +68,8 @@ def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale,
     key: PRNG key; the initial noise and every step's noise derive from it as in `generate`.
     guidance_scale: classifier-free guidance weight (traced).
     eta: DDIM stochasticity (traced); the log-probs are 0 where it makes a step deterministic.
+    mirror: optional bool [B]: images to flip after decoding (a model with a canonical eye;
+      see `sampling.eye_mirror`). The trajectory stays in the canonical orientation.
     models: the static models.
     num_steps: DDIM steps T (static).
 
@@ -83,6 +85,8 @@ def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale,
       eta=eta, prediction_type=models.prediction_type, return_trajectory=True,
       **models.timestep_options)
   images = sampling.decode_latents(models, frozen["vae"], x_0)
+  if mirror is not None:
+    images = sampling.mirror_images(images, mirror)
   return Rollout(trajectory.latents, trajectory.log_probs, trajectory.timesteps,
                  trajectory.prev_timesteps, images, cond, uncond)
 

@@ -172,7 +172,7 @@ class Loop:
     tok = self.shard({k: np.asarray(v) for k, v in self.tokens(texts).items()})
     r = self.config.rollout
     return self.rollout_fn(params, frozen, tok["input_ids"], tok["attention_mask"], key,
-                           jnp.float32(r.guidance_scale), jnp.float32(r.eta))
+                           jnp.float32(r.guidance_scale), jnp.float32(r.eta), tok["mirror"])
 
   def draw(self, round_, stage, iteration):
     """(prompts repeated K times, the rollout key) of one iteration."""

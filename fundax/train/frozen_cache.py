@@ -40,6 +40,7 @@ import tqdm
 
 from fundax import parallel
 from fundax.data import captions as captions_lib
+from fundax.data import labels as labels_lib
 from fundax.data import pipeline as pipeline_lib
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.data.builders import features
@@ -47,10 +48,10 @@ from fundax.models import vae as vae_lib
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the layout or the cached maths change
+VERSION = 2  # bump when the layout or the cached maths change
 MANIFEST = "manifest.json"
 BATCH_KEYS = ("latents", "text_embeddings", "attention_mask")  # what a cached batch holds
-_ARRAYS = ("latent_mean", "latent_std", "caption_rows", "states", "offsets")
+_ARRAYS = ("latent_mean", "latent_std", "caption_rows", "states", "offsets", "laterality")
 TEXT_BATCH = 32  # captions per text-encoder call while building
 IMAGE_BATCH = 32  # images per VAE call while building
 
@@ -120,6 +121,7 @@ class FrozenCache:
       style s; S = captions.NUM_STYLES with random styles, else 1.
     states: [T, D] float16 token states of every unique caption, concatenated.
     offsets: [U + 1] int64: caption u's states are states[offsets[u]:offsets[u + 1]].
+    laterality: [N] int8: example n's eye, 0 right, 1 left, -1 unknown (for canonical_eye).
   """
   directory: pathlib.Path
   spec: CacheSpec
@@ -128,6 +130,7 @@ class FrozenCache:
   caption_rows: np.ndarray
   states: np.ndarray
   offsets: np.ndarray
+  laterality: np.ndarray
 
   @property
   def num_examples(self) -> int:
@@ -205,7 +208,7 @@ def build(directory: str | os.PathLike, spec: CacheSpec, source, models, frozen,
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild is never "valid"
-  images, texts = [], []
+  images, texts, eyes = [], [], []
   for i in tqdm.trange(len(source), desc="cache: reading images"):
     example = features.decode_example(source[i])
     image = example["image"]
@@ -213,6 +216,8 @@ def build(directory: str | os.PathLike, spec: CacheSpec, source, models, frozen,
       image = pipeline_lib.crop_to_fov(image)
     images.append(pipeline_lib.to_float(pipeline_lib.resize(image, spec.resolution)))
     texts.append(_caption_texts(example["labels"], spec.flip, spec.random_caption_style))
+    eye = example["labels"].laterality
+    eyes.append(-1 if eye is None else labels_lib.LATERALITIES.index(eye))
   latent_mean, latent_std = _encode_images(models, frozen["vae"], np.stack(images), spec.flip)
   unique = sorted({t for example in texts for view in example for t in view})
   row_of = {t: i for i, t in enumerate(unique)}
@@ -220,7 +225,9 @@ def build(directory: str | os.PathLike, spec: CacheSpec, source, models, frozen,
                           np.int32)
   states, offsets = _encode_captions(models, frozen["text"], tokenizer, unique,
                                      spec.max_length, models.text_mask)
-  for name, value in zip(_ARRAYS, (latent_mean, latent_std, caption_rows, states, offsets)):
+  laterality = np.array(eyes, np.int8)
+  for name, value in zip(_ARRAYS, (latent_mean, latent_std, caption_rows, states, offsets,
+                                   laterality)):
     # A new file replaces the old one: a cache still memory-mapped keeps reading its own.
     with open(directory / f"{name}.npy.tmp", "wb") as f:
       np.save(f, value)
@@ -266,7 +273,8 @@ def load_or_build(root: str | os.PathLike, spec: CacheSpec, source, models, froz
 
 
 def assemble(cache: FrozenCache, rows: np.ndarray, flips: np.ndarray, styles: np.ndarray,
-             noise: np.ndarray, vae_config: vae_lib.VAEConfig) -> dict[str, np.ndarray]:
+             noise: np.ndarray, vae_config: vae_lib.VAEConfig,
+             caption_flips: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One host-local batch from the cache.
 
   Args:
@@ -276,6 +284,9 @@ def assemble(cache: FrozenCache, rows: np.ndarray, flips: np.ndarray, styles: np
     styles: [B] caption styles (0 when the cache holds style 0 only).
     noise: [B, h, w, c] standard normal draws for the posterior samples.
     vae_config: the VAE's config (latent scaling).
+    caption_flips: [B] 0/1: the view whose caption to use (default `flips`: a mirrored
+      image with the other eye's caption; 0 with flips 1 keeps the image's own eye, for a
+      canonical orientation).
 
   Returns:
     {"latents" [B, h, w, c] float32 (scaled posterior samples), "text_embeddings" [B, L, D]
@@ -288,7 +299,8 @@ def assemble(cache: FrozenCache, rows: np.ndarray, flips: np.ndarray, styles: np
   length = cache.spec.max_length
   text = np.zeros((len(rows), length, cache.states.shape[1]), np.float32)
   mask = np.zeros((len(rows), length), np.int32)
-  for i, caption in enumerate(cache.caption_rows[rows, flips, styles]):
+  caption_flips = flips if caption_flips is None else caption_flips
+  for i, caption in enumerate(cache.caption_rows[rows, caption_flips, styles]):
     a, b = cache.offsets[caption], cache.offsets[caption + 1]
     text[i, :b - a] = cache.states[a:b]
     mask[i, :b - a] = 1
@@ -301,14 +313,21 @@ class CachedBatches:
 
   Step k's batch depends only on (seed, process, k): examples drawn without replacement
   within an epoch by a seeded permutation, flip and caption style drawn per example, and the
-  posterior noise. `get_state()`/`set_state()` carry k, so a resumed run replays exactly.
+  posterior noise. With `canonical_eye` ("right"), every eye of the other side is shown
+  mirrored with its own caption (`pipeline.preprocess_example`'s canonical orientation) and
+  only eyes of unknown side are flipped at random. `get_state()`/`set_state()` carry k, so a resumed run replays exactly.
   Each process reads a disjoint shard of the examples and builds its share of the batch.
   """
 
   def __init__(self, cache: FrozenCache, *, global_batch_size: int, seed: int,
                vae_config: vae_lib.VAEConfig, mesh: jax.sharding.Mesh | None = None,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               canonical_eye: str = ""):
+    if canonical_eye and cache.latent_mean.shape[1] < 2:
+      raise ValueError("canonical_eye needs a cache built with flips (mirrored views)")
     self._cache = cache
+    self._canonical = (labels_lib.LATERALITIES.index(canonical_eye) if canonical_eye
+                       else None)
     self._seed = seed
     self._vae_config = vae_config
     self._mesh = mesh
@@ -346,7 +365,13 @@ class CachedBatches:
     flips = rng.integers(views, size=len(rows))
     style = rng.integers(styles, size=len(rows))
     noise = rng.standard_normal((len(rows),) + cache.latent_mean.shape[2:]).astype(np.float32)
-    batch = assemble(cache, rows, flips, style, noise, self._vae_config)
+    caption_flips = flips
+    if self._canonical is not None:
+      eyes = np.asarray(cache.laterality[rows])
+      known = eyes >= 0
+      flips = np.where(known, (eyes != self._canonical).astype(flips.dtype), flips)
+      caption_flips = np.where(known, 0, flips)
+    batch = assemble(cache, rows, flips, style, noise, self._vae_config, caption_flips)
     self._step += 1
     if self._mesh is None:
       return batch

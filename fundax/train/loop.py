@@ -128,7 +128,7 @@ def make_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
   """A batch iterator over one split: endless and shuffled (train) or one padded pass (eval).
 
   Args:
-    config: the job config (seed, resolution, flip, crop_fov, batch sizes).
+    config: the job config (seed, resolution, flip, crop_fov, canonical_eye, batch sizes).
     data: the resolved data section (`prepare_data`).
     split: "train", "validation", ...
     tokenizer: the text tokenizer.
@@ -146,7 +146,8 @@ def make_batches(config: ml_collections.ConfigDict, data: ml_collections.ConfigD
       resolution=config.resolution, max_length=max_length, tokenizer=tokenizer,
       seed=config.seed, flip=config.flip and train,
       random_caption_style=config.get("random_caption_style", True) and train,
-      crop_fov=config.crop_fov, shuffle=train, num_epochs=None if train else 1, mesh=mesh,
+      crop_fov=config.crop_fov, canonical_eye=config.get("canonical_eye", ""), shuffle=train,
+      num_epochs=None if train else 1, mesh=mesh,
       drop_remainder=train)
 
 

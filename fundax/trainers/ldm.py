@@ -149,7 +149,7 @@ def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
       vae=vae_lib.AutoencoderKL(vae_config, dtype=dtype), text=text,
       scheduler=config.scheduler.to_dict(),
       special_tokens=text_lib.special_tokens(_vocab_dir(reference)),
-      text_mask=config.unet.text_mask)
+      text_mask=config.unet.text_mask, canonical_eye=config.canonical_eye)
   return models, {"vae": vae_params, "text": text_params}, reference
 
 
@@ -183,6 +183,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if s.guidance_scale < 0 or s.eta < 0:
     problems.append(f"sample.guidance_scale and sample.eta must be >= 0, got "
                     f"{s.guidance_scale} and {s.eta}")
+  if config.canonical_eye not in sampling.CANONICAL_EYES:
+    problems.append(f"canonical_eye must be one of {sampling.CANONICAL_EYES}, got "
+                    f"{config.canonical_eye!r}")
+  elif config.canonical_eye and not config.flip:
+    problems.append("canonical_eye mirrors the other eye's images: it needs flip=True")
   if config.scheduler.timestep_spacing not in ("",) + samplers.TIMESTEP_SPACINGS:
     problems.append(f"scheduler.timestep_spacing must be '' or one of "
                     f"{samplers.TIMESTEP_SPACINGS}, got {config.scheduler.timestep_spacing!r}")
@@ -327,6 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   samples_dir = workdir / "samples"
   prompts = _sample_prompts(config, data, tokenizer, mesh)
   tokens = tokenizer_lib.tokenize(tokenizer, prompts, config.max_length)
+  mirror = sampling.eye_mirror(models, prompts)
   generate_fn = sampling.make_generate_fn(models, sampler=config.sample.sampler,
                                           num_steps=config.sample.num_steps)
 
@@ -334,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     unet_params = state.ema_params if state.ema_params is not None else state.params
     params = {"unet": unet_params, "vae": frozen["vae"], "text": frozen["text"]}
     images = generate_fn(params, tokens["input_ids"], tokens["attention_mask"], rng_sample,
-                         config.sample.guidance_scale, config.sample.eta)
+                         config.sample.guidance_scale, config.sample.eta, mirror)
     loop.save_grid(samples_dir / f"step_{step:07d}.png", loop.to_host(images), prompts,
                    synthetic=True,
                    title=f"fundax LDM, step {step}, {config.sample.sampler} "
@@ -383,7 +389,8 @@ def _cached_inputs(config, data, workdir, models, frozen, tokenizer, reference, 
                                      datasets.load_from_config(data, "train"), models,
                                      frozen_host, tokenizer)
   batches = frozen_cache.CachedBatches(cache, global_batch_size=config.batch_size,
-                                       seed=config.seed, vae_config=models.vae.config, mesh=mesh)
+                                       seed=config.seed, vae_config=models.vae.config, mesh=mesh,
+                                       canonical_eye=config.canonical_eye)
   empty = sampling.empty_text(models, frozen["text"], config.max_length)
   return batches, {"empty_text": empty}, frozen_cache.BATCH_KEYS
 

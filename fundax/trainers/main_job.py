@@ -195,7 +195,7 @@ def grids_stage(job: Job) -> dict[str, Any]:
       tokens = sampling.tokenize_prompts(pipe, prompts)
       images = np.asarray(generate_fn(
           pipe.params, tokens["input_ids"], tokens["attention_mask"],
-          jax.random.fold_in(key, len(grids)), g.guidance_scale))
+          jax.random.fold_in(key, len(grids)), g.guidance_scale, mirror=tokens["mirror"]))
       path = out_dir / f"dr{grade}_{eye}.png"
       loop.save_grid(path, images, prompts, synthetic=True,
                      title=f"fundax LDM samples, DR grade {grade}, {eye} eye: {g.sampler} "
