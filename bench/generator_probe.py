@@ -3,7 +3,8 @@
     python bench/generator_probe.py --checkpoint runs/quickstart/ldm --name quickstart
     python bench/generator_probe.py --checkpoint runs/ldm --step 600 --guidance 1 3 --num 64
 
-Through the public sampling API (`fundax.sampling`), on held-out prompts (captions of phantom
+Through the public sampling API (`fundax.sampling`, left-eye samples mirrored for a model with
+a canonical eye), on held-out prompts (captions of phantom
 cases from the test split, every caption style, both fields), reads with the anatomy detectors
 (no learning):
 
@@ -51,7 +52,8 @@ def _sample(pipe, generate, prompts, guidance, seed, batch=16):
   for i in range(0, len(prompts), batch):
     tokens = sampling.tokenize_prompts(pipe, prompts[i:i + batch])
     out.append(np.asarray(generate(pipe.params, tokens["input_ids"], tokens["attention_mask"],
-                                   jax.random.key(seed + i), guidance)))
+                                   jax.random.key(seed + i), guidance,
+                                   mirror=tokens["mirror"])))
   return np.concatenate(out)
 
 

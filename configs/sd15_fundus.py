@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.data = data_config(arg or "phantom_512")
   c.resolution = 512  # training image side, px
   c.flip = True  # random laterality-aware horizontal flips
+  c.canonical_eye = ""  # "right": every eye in one orientation, left samples mirrored (ldm.py)
   c.crop_fov = arg not in (None, "phantom_512")  # crop photographs to the field of view
   c.random_caption_style = True  # captions in a random style per example
   c.max_length = 77  # token sequence length L (Stable Diffusion's)
@@ -72,6 +73,7 @@ def get_config(arg=None):
   c.unet.attention_head_dim = 8  # heads per attention (diffusers' naming)
   c.unet.norm_num_groups = 32  # GroupNorm groups
   c.unet.prediction_type = "epsilon"  # SD 1.5 predicts epsilon
+  c.unet.coordinate_input = False  # SD 1.5's conv_in reads the 4 latent channels only
   c.unet.text_mask = True  # cross-attention ignores padding tokens
   c.unet.remat = True  # rematerialise blocks in the backward pass (saves memory)
   # Self-attention at 64x64 latents in chunks of 1024 queries: the 4096x4096 scores of 16

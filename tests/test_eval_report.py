@@ -92,6 +92,8 @@ def test_evaluate_on_phantom_stand_ins(evaluated):
   html = (out_dir / "report.html").read_text()
   assert out["report"].endswith("report.html")
   assert "SYNTHETIC IMAGES" in html and "Selector" in html and "negative control" in html
+  low, high = metrics["c2st"]["generated"]["ci95"]
+  assert f"[{low:.4g}, {high:.4g}]" in html  # the C2ST's interval is shown, not only its value
   srcs = re.findall(r'src="([^"]*)"', html)
   assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
   # 4 prompt grids + 2 confusion plots at least + privacy pairs + 2 histograms.
@@ -101,7 +103,8 @@ def test_evaluate_on_phantom_stand_ins(evaluated):
 def test_every_metric_separates_its_negative_control(evaluated):
   """Each figure's control (blurred, mirrored, shifted prompts, collapsed, noisy copies)
   scores clearly worse than real phantoms, on 16 images: the metrics can tell real from
-  broken. (TSTR cannot learn a grade from 16 images; its rows are checked at report scale.)"""
+  broken. (TSTR's classifier learns no grade from 16 images, nor from the Quickstart report's
+  64 in 100 steps: its rows are reported with their separation, not asserted here.)"""
   out, _, _ = evaluated
   rows = {r["metric"]: r for r in out["table"]}
   assert len(rows) == len(out["table"])
@@ -112,6 +115,7 @@ def test_every_metric_separates_its_negative_control(evaluated):
   assert len(checked) >= 11
   failures = {r["metric"]: (r["phantoms"], r["control"]) for r in checked if not r["separated"]}
   assert not failures
+  assert all(type(r["separated"]) is bool for r in out["table"])  # pylint: disable=unidiomatic-typecheck
 
 
 def test_evaluate_rejects_mismatched_prompts(evaluator_dir, tmp_path):

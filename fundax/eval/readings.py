@@ -104,8 +104,8 @@ def separated(real: float, control: float, better: str, relative: bool) -> bool:
   if not (np.isfinite(real) and np.isfinite(control)):
     return False
   if relative:
-    return control > 1.5 * real + 1e-12
-  return badness(control, better) > badness(real, better) + 0.05
+    return bool(control > 1.5 * real + 1e-12)
+  return bool(badness(control, better) > badness(real, better) + 0.05)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,14 @@ def metric_table(rows: Sequence[Mapping]) -> str:
   return f"<table>{head}{body}</table>"
 
 
+def c2st_line(c2st: Mapping) -> str:
+  """The two-sample tests' accuracies with their 95% (Wilson) intervals, one per set."""
+  parts = [f"{html.escape(name)} {_fmt(r['accuracy'])} [{_fmt(r['ci95'][0])}, "
+           f"{_fmt(r['ci95'][1])}] (n = {r['n']})" for name, r in c2st.items()]
+  return ("<p>C2ST, a classifier telling prompt-matched phantoms from each set (0.5 = "
+          "indistinguishable; 95% intervals): " + "; ".join(parts) + "</p>")
+
+
 def selector_table(selector: Mapping) -> str:
   """The Selector's mean score and its Spearman with each independent per-image measure."""
   body = "".join(f"<tr><td>{html.escape(name)}</td><td>{_fmt(rho)}</td></tr>"
@@ -186,6 +194,8 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
            f"<div class='banner'>{html.escape(preview.SYNTHETIC_BANNER)}</div>",
            f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(metrics.get('note', ''))}</p>",
            "<h2>Metrics</h2>", metric_table(metrics["table"])]
+  if metrics.get("c2st"):
+    parts.append(c2st_line(metrics["c2st"]))
   if metrics.get("selector"):
     parts.append(selector_table(metrics["selector"]))
   parts.append("<h2>The evaluator on held-out phantoms</h2>")
