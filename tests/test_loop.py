@@ -94,6 +94,9 @@ def tiny(name, *overrides):
     (["resolution=34"], "resolution 34 must be a multiple of 4"),
     (["train.caption_dropout=1.5", "num_steps=0"], "caption_dropout must be in [0, 1]"),
     (["unet.norm_num_groups=12"], "multiples of unet.norm_num_groups 12"),
+    (["canonical_eye=left"], "canonical_eye must be one of"),
+    (["canonical_eye=right", "flip=False"], "canonical_eye mirrors the other eye's images"),
+    (["scheduler.timestep_spacing=middle"], "scheduler.timestep_spacing must be"),
 ])
 def test_ldm_config_errors_before_compute(tmp_path, overrides, message):
   workdir = tmp_path / "w"
