@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from scipy import ndimage
 
 from fundax.data import caption_parser
 from fundax.data import phantom
+from fundax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,7 @@ def prompt_matched(prompts: Sequence[str], resolution: int, *, first_seed: int =
   render = max(resolution, phantom.MIN_RESOLUTION)
   images, labels = phantom.generate_images(seeds, render, constraints, num_workers=num_workers)
   if render != resolution:
-    images = np.asarray(jax.image.resize(images.astype(np.float32),
-                                         (len(images), resolution, resolution, 3), "linear",
-                                         antialias=True)).round().clip(0, 255).astype(np.uint8)
+    images = np.stack([pipeline.resize(image, resolution) for image in images])
   return images, labels
 
 

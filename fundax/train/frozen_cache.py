@@ -83,7 +83,7 @@ class CacheSpec:
   """Everything the cached values depend on; its `key` names the cache directory.
 
   Attributes:
-    data: fingerprint of the dataset split (`datasets.split_fingerprint`).
+    data: fingerprint of the dataset split's files (`fingerprint_files(datasets.split_files)`).
     vae: fingerprint of the VAE params and config.
     text: fingerprint of the text-encoder params and config, and of the tokenizer reference.
     resolution: image side the VAE encodes, px.
