@@ -25,17 +25,25 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets imports it for builders defined in packages but declares it only for
     # Python < 3.9.
     "importlib_resources>=5",
-    # The feedback app (fundax.feedback): web server and rating store.
-    "fastapi>=0.115,<1",
-    "uvicorn>=0.30,<1",
-    "python-multipart>=0.0.9,<0.1",
+    # The rating store (fundax.feedback.store), which the RLHF loop's simulated raters write.
     "sqlalchemy>=2.0,<3",
 ]
 
+# The feedback web app (fundax.feedback.app, `fundax feedback serve`): web server and forms.
+WEB = [
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "python-multipart>=0.0.13,<0.1",
+]
+
 EXTRAS = {
-    # Tests: PyTorch reference models for parity (CPU build pinned; an unpinned torch pulls CUDA).
-    "test": [
+    "web": WEB,
+    # Tests: PyTorch reference models for parity (CPU build pinned; an unpinned torch pulls CUDA),
+    # and the web app's stack for its tests.
+    "test": WEB + [
         "pytest>=8,<10",
+        # Two workers compile XLA programs side by side (pytest.ini: -n auto).
+        "pytest-xdist>=3.5,<4",
         "torch==2.13.0",
         "diffusers>=0.30,<1",
         "openpyxl>=3.1,<4",
@@ -67,7 +75,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fundax", "fundax.*"]),
+    # The top-level configs/ (where a checkout keeps them) ships as fundax.configs, so configs
+    # resolve by name in an installed wheel too (fundax.configlib).
+    packages=find_packages(include=["fundax", "fundax.*"]) + ["fundax.configs"],
+    package_dir={"fundax.configs": "configs"},
     # The shipped evaluators (trained by bench/judges.py --ship; see fundax/eval/evaluator_train.py).
     package_data={"fundax.eval": ["evaluators/**/*"]},
     install_requires=INSTALL_REQUIRES,

@@ -15,6 +15,11 @@ held-out Selector reward and the independent metrics rising together, see the RE
 and
 "test" (tiny, one round, the fewest steps: unit tests).
 
+The reward and the rollout sampler are chosen by name: `--config.reward=evaluator` (or
+`mean_brightness`, or a reward registered with `fundax.rl.reward.register_reward` in a config
+file or a module it imports) and `--config.rollout.sampler=ddpm` (any sampler with exact
+log-probs in `fundax.diffusion.registry`).
+
 Expect in the workdir: `metrics.jsonl` (stage1: reward and advantage statistics, approx-KL,
 clip fraction, KL to the reference; stage2: accepted fraction and losses; heldout: the guard's
 metrics), `prompts/` (every batch's prompts), `heldout/round_<r>.npy`, `checkpoints/` (resume
@@ -43,13 +48,15 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": -1})  # parallelism degrees (-1: all devices)
   c.max_to_keep = 2  # checkpoints (one per stage) kept in the workdir
   c.stop_after_phase = 0  # stop after this many stages (0: run all), to split a run in parts
+  c.reward = "selector"  # by name: selector, evaluator, mean_brightness (fundax.rl.reward)
   c.reward_batch_size = 16  # images per compiled Selector call
 
   c.prompts = ml_collections.ConfigDict()
   c.prompts.file = ""  # one prompt per line; "" = the phantom caption distribution
 
   c.rollout = ml_collections.ConfigDict()
-  c.rollout.num_steps = 3 if test else (6 if small else 20)  # DDIM steps T
+  c.rollout.sampler = "ddim"  # a registered sampler with exact log-probs: ddim or ddpm
+  c.rollout.num_steps = 3 if test else (6 if small else 20)  # sampler steps T
   c.rollout.eta = 1.0  # DDIM stochasticity (> 0: every step but the last has a log-prob)
   c.rollout.guidance_scale = 3.0 if small else 5.0  # classifier-free guidance weight
   c.rollout.prompts_per_batch = 2 if test else (4 if small else 8)  # P prompts per batch

@@ -47,6 +47,7 @@ from fundax.data import tokenizer as tokenizer_lib
 from fundax.interop import hf_bert
 from fundax.interop import params_io
 from fundax.models import bert as bert_lib
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -136,25 +137,23 @@ def text_encoder_shape(spec: str) -> tuple[bert_lib.BertConfig, int | None]:
   return BERT_BASE, None
 
 
-def abstract_models(config: ml_collections.ConfigDict) -> tuple[sampling.Models, dict]:
+def abstract_models(config: ml_collections.ConfigDict) -> tuple[ldm_lib.Models, dict]:
   """The models of an LDM config and the frozen networks' abstract params (nothing loaded).
 
   Returns:
     (Models, {"vae": ..., "text": ...} of `jax.ShapeDtypeStruct`s, unsharded).
   """
-  # Imported here: the trainer module pulls in the data pipeline, which AOT does not need.
-  from fundax.trainers import ldm  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(config.dtype)
   bert, projection = text_encoder_shape(config.text_encoder)
   text = text_lib.TextEncoder(bert, projection, dtype=dtype)
   ids = jnp.zeros((1, 2), jnp.int32)
   text_params = jax.eval_shape(text.init, jax.random.key(0), ids)["params"]
-  vae_config = ldm.fresh_vae_config(config)
+  vae_config = ldm_lib.fresh_vae_config(config)
   vae = vae_lib.AutoencoderKL(vae_config, dtype=dtype)
   image = jnp.zeros((1, config.resolution, config.resolution, 3))
   vae_params = jax.eval_shape(vae.init, jax.random.key(0), image)["params"]
-  unet_config = ldm.make_unet_config(config, vae_config, text.output_dim)
-  models = sampling.Models(
+  unet_config = ldm_lib.make_unet_config(config, vae_config, text.output_dim)
+  models = ldm_lib.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype), vae=vae, text=text,
       scheduler=config.scheduler.to_dict(), text_mask=config.unet.text_mask)
   return models, {"vae": vae_params, "text": text_params}
@@ -165,7 +164,7 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, models: sampling.Models, batch: int,
+def abstract_batch(config: ml_collections.ConfigDict, models: ldm_lib.Models, batch: int,
                    sharding: Any, *, cached_latents: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """The train batch's shapes: cached latents + text embeddings, or images + token ids."""
   length = config.max_length
@@ -236,7 +235,7 @@ def _analyse(name: str, compile_fn, hbm_bytes: int | None) -> dict[str, Any]:
   return result
 
 
-def compile_train_step(config: ml_collections.ConfigDict, models: sampling.Models,
+def compile_train_step(config: ml_collections.ConfigDict, models: ldm_lib.Models,
                        frozen: dict, mesh: Any, *, cached_latents: bool) -> Any:
   """Compiles `ldm_train_step` for the mesh's devices exactly as the trainer jits it."""
   rules = [tuple(r) for r in config.sharding_rules]
@@ -265,7 +264,7 @@ def compile_train_step(config: ml_collections.ConfigDict, models: sampling.Model
   return step.lower(state, batch, rng, frozen).compile()
 
 
-def compile_sampler(config: ml_collections.ConfigDict, models: sampling.Models, frozen: dict,
+def compile_sampler(config: ml_collections.ConfigDict, models: ldm_lib.Models, frozen: dict,
                     mesh: Any, batch: int) -> Any:
   """Compiles the jitted sampler (`sampling.make_generate_fn`) of the config's sample.* fields."""
   rules = [tuple(r) for r in config.sharding_rules]
@@ -286,7 +285,7 @@ def compile_sampler(config: ml_collections.ConfigDict, models: sampling.Models, 
 
 
 def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.ConfigDict,
-                        models: sampling.Models, mesh: Any) -> Any:
+                        models: ldm_lib.Models, mesh: Any) -> Any:
   """Compiles the DDPO update (`fundax.rl.ddpo.ddpo_update_step`) on a batch of rollouts.
 
   The batch is what `fundax.rl.rounds` feeds it: `rlhf.rollout.num_steps` + 1 latents per
@@ -320,19 +319,21 @@ def compile_rlhf_update(config: ml_collections.ConfigDict, rlhf: ml_collections.
            "timesteps": on((steps_,), jnp.int32), "prev_timesteps": on((steps_,), jnp.int32),
            "advantages": on((b,), jnp.float32, axes), "cond": text(), "uncond": text(),
            **{k: on((), jnp.float32) for k in ("guidance_scale", "eta", "clip_range")}}
-  stochastic = rollout_lib.stochastic_steps(models, steps_)
+  stochastic = rollout_lib.stochastic_steps(models, rlhf.rollout.sampler, steps_)
   step = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
-                                   config=rlhf.stage1, stochastic=stochastic),
+                                   config=rlhf.stage1, sampler=rlhf.rollout.sampler,
+                                   stochastic=stochastic),
                  donate_argnums=(0,))
   key = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=parallel.replicated(mesh))
   return step.lower(state, batch, key, {"reference": reference}).compile()
 
 
-def rlhf_trained_steps(rlhf: ml_collections.ConfigDict, models: sampling.Models) -> int:
+def rlhf_trained_steps(rlhf: ml_collections.ConfigDict, models: ldm_lib.Models) -> int:
   """How many denoising steps of each trajectory the DDPO update trains on."""
   from fundax.rl import ddpo  # pylint: disable=g-import-not-at-top
   from fundax.rl import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
-  stochastic = rollout_lib.stochastic_steps(models, rlhf.rollout.num_steps)
+  stochastic = rollout_lib.stochastic_steps(models, rlhf.rollout.sampler,
+                                            rlhf.rollout.num_steps)
   return ddpo.num_train_steps(len(stochastic), rlhf.stage1.timestep_fraction)
 
 

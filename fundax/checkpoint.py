@@ -1,4 +1,4 @@
-"""Checkpoints that describe themselves: Orbax manager, save, restore-or-init, config reading.
+"""Checkpoints that describe themselves and are verified: Orbax manager, save, one restore.
 
 This module owns the checkpoint layout of a training run:
 
@@ -10,46 +10,61 @@ workdir/checkpoints/<step>/
   extras/   JSON: host-side state to resume exactly, e.g. the data-iterator position
   frozen/   optional: arrays the run uses but does not train (VAE, text encoder params),
             saved with every step so that the step directory alone can sample
+  checksums.json   the SHA-256 of every file of the items above (`fundax.checksums`)
+workdir/checkpoints_damaged/<step>/   steps a resumed run found damaged, kept for inspection
 ```
 
 Saving is asynchronous (the step loop continues while arrays are written) and keeps the last
 N steps. Orbax writes each step into a temporary directory and renames it when complete, so
-an interrupted save never shows up as a step. A step that is visible but fails to restore
-(damaged files, a partial copy) makes `restore_or_init` fall back to the previous step with a
-WARNING naming the damaged directory, so a preempted job still resumes; only when no step of
-the workdir restores does it raise `CheckpointError`. A step written for a different model or
-optimizer is not damage: that raises ValueError naming the first differing leaf.
+an interrupted save never shows up as a step; the checksums are written into that temporary
+directory once its arrays are final, just before the rename, so they are part of the step.
 
-Resume order in `restore_or_init`: (1) the latest step in the workdir (a restarted job),
-(2) an explicit resume path (another run's checkpoint), (3) params-only init (e.g. converted
-pretrained weights) with a fresh optimizer, (4) scratch.
+Every read goes through one loader, which checks the checksums of the items it reads: a step
+whose files differ from their record (changed bytes, a truncated or missing file) or that
+Orbax cannot read is damaged. Reading the latest step of a run (training's `restore_or_init`,
+`restore_params` for sampling, scoring, evaluation and RLHF, `load_config`) skips damaged
+steps for the previous intact one with a WARNING naming each, and raises `CheckpointError`
+only when no step is intact. A resumed run moves the damaged steps it skipped to
+`checkpoints_damaged/`, so it writes those steps anew. A step without checksums (written before
+fundax recorded them) is read with a WARNING that it is unverified. A step written for a
+different model or optimizer is not damage: that raises ValueError naming the first differing
+leaf.
+
+Resume order in `restore_or_init`: (1) the latest intact step in the workdir (a restarted
+job), (2) an explicit resume path (another run's checkpoint), (3) params-only init (e.g.
+converted pretrained weights) with a fresh optimizer, (4) scratch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from fundax import checksums
 from fundax import parallel
 from fundax.interop import params_io
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "checkpoints_damaged"
 STATE, CONFIG, EXTRAS, FROZEN = "state", "config", "extras", "frozen"
 ITEMS = (STATE, CONFIG, EXTRAS, FROZEN)
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be read; the message names its directory."""
+class CheckpointError(ValueError):
+  """A checkpoint is missing or damaged (bad input, like any ValueError); the message names
+  its directory."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -58,24 +73,48 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 
 def make_manager(workdir: str | os.PathLike, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, async_: bool = True) -> ocp.CheckpointManager:
-  """The run's Orbax checkpoint manager, writing under `workdir/checkpoints`.
+                 save_interval_steps: int = 1) -> ocp.CheckpointManager:
+  """The run's Orbax checkpoint manager, writing verified steps under `workdir/checkpoints`.
+
+  Saves are asynchronous: call `wait` (or close the manager) before reading a step back or
+  exiting.
 
   Args:
     workdir: the run's output directory (created if missing).
     max_to_keep: how many of the most recent steps to keep; None keeps all.
     save_interval_steps: `save` writes at steps that are multiples of this (and, Orbax's
       policy, at the first `save` of the manager, e.g. right after a restart).
-    async_: write arrays in a background thread; call `wait` before reading them back or
-      exiting.
 
   Returns:
     The `ocp.CheckpointManager`; close it (or use it as a context manager) when done.
   """
+  directory = checkpoint_dir(workdir)
+  manager = None
+
+  def record_checksums():
+    # Orbax calls this on the primary process once every process has written the step's
+    # files, before it renames the temporary step directory into place: the checksums land
+    # inside the step, atomically with it.
+    step = manager.latest_step()
+    found = glob.glob(os.path.join(glob.escape(directory), f"{step}.orbax-checkpoint-tmp*"))
+    found = found or [p for p in [os.path.join(directory, str(step))] if os.path.isdir(p)]
+    if not found:
+      log.warning("checkpoint step %s: no directory to record checksums in; the step will read "
+                  "as unverified", step)
+      return
+    try:
+      # The one being written is the newest (an interrupted save may have left another).
+      checksums.record(max(found, key=os.path.getmtime), ITEMS)
+    except OSError as e:
+      log.warning("checkpoint step %s: cannot record checksums (%s); the step will read as "
+                  "unverified", step, e)
+
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-      enable_async_checkpointing=async_, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+      enable_async_checkpointing=True, create=True,
+      async_options=ocp.AsyncOptions(post_finalization_callback=record_checksums))
+  manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+  return manager
 
 
 def _json_dict(value: Any, what: str) -> dict:
@@ -125,47 +164,92 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-  """Blocks until pending asynchronous saves are written."""
+  """Blocks until pending asynchronous saves (and their checksums) are written."""
   manager.wait_until_finished()
 
 
-def _find_step(path: str | os.PathLike, step: int | None = None) -> tuple[str, int]:
-  """Resolves a workdir, a checkpoints directory or one step directory to (directory, step).
+def _read_only(directory: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
-  `step` picks a step of a workdir or checkpoints directory; None means the latest.
+
+def _candidates(path: str | os.PathLike, step: int | None = None) -> tuple[str, list[int]]:
+  """Resolves a workdir, a checkpoints directory or one step directory to the steps to try.
+
+  Returns:
+    (checkpoints directory, steps newest first): only `step` (or the step directory's own)
+    when one is named, else every complete step, so that a damaged one can be skipped.
 
   Raises:
     FileNotFoundError: the path does not exist.
-    CheckpointError: the path holds no complete checkpoint step (or not `step`).
+    CheckpointError: the path is a file or holds no complete checkpoint step (or not `step`).
   """
   path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path not found: {path}")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint path {path} is a file; give a training run's workdir "
+                          "or its checkpoints directory")
   if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
     path = os.path.join(path, CHECKPOINT_SUBDIR)
   base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(os.path.join(path, STATE)):
-    return os.path.dirname(path), int(base)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(path, options=options, item_names=ITEMS) as manager:
-    steps = manager.all_steps()
+  if base.isdigit() and os.path.isdir(os.path.join(path, CONFIG)):
+    return os.path.dirname(path), [int(base)]
+  with _read_only(path) as manager:
+    steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
-    raise CheckpointError(f"no complete checkpoint step in {path}")
+    raise CheckpointError(f"no complete checkpoint step in {path}: expected a training run's "
+                          "workdir (holding checkpoints/<step>/) or its checkpoints directory")
   if step is None:
-    return path, max(steps)
+    return path, steps
   if step not in steps:
-    raise CheckpointError(f"no complete checkpoint step {step} in {path} (it has {steps})")
-  return path, step
+    raise CheckpointError(f"no complete checkpoint step {step} in {path} (it has "
+                          f"{sorted(steps)})")
+  return path, [step]
+
+
+def _verify(step_dir: str, items: Sequence[str]) -> None:
+  """Checks the checksums of the items about to be read; warns when the step has none."""
+  try:
+    verified = checksums.verify(step_dir, items)
+  except checksums.DamagedError as e:
+    raise CheckpointError(f"checkpoint step {step_dir} is damaged: {e}") from e
+  if not verified:
+    log.warning("checkpoint step %s has no checksums (written before fundax recorded them): "
+                "read unverified", step_dir)
+
+
+def _first_intact(directory: str, steps: Sequence[int],
+                  read: Callable[[int], Any]) -> tuple[int, Any, list[int]]:
+  """`read(step)` for the newest step that is intact, warning about each damaged one.
+
+  Returns:
+    (step, what read returned, the damaged steps skipped).
+
+  Raises:
+    CheckpointError: every step is damaged; the message names each.
+  """
+  damaged, errors = [], []
+  for step in steps:
+    try:
+      return step, read(step), damaged
+    except CheckpointError as e:
+      damaged.append(step)
+      errors.append(str(e))
+      if step != steps[-1]:
+        log.warning("%s; falling back to the previous step", e)
+  if len(errors) == 1:
+    raise CheckpointError(errors[0])
+  raise CheckpointError(f"no checkpoint step in {directory} is intact: " + " | ".join(errors))
 
 
 def _check_state_matches(abstract_state: Any, step_dir: str) -> None:
   """Raises ValueError naming the first state leaf whose path or shape differs on disk."""
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      stored = ckptr.metadata(os.path.abspath(os.path.join(step_dir, STATE))).item_metadata.tree
+    stored = _item_tree(os.path.join(step_dir, STATE))
   except Exception as e:  # see _restore
-    raise CheckpointError(f"cannot read the state metadata of checkpoint step {step_dir}: "
-                          f"{type(e).__name__}: {e}") from e
+    raise CheckpointError(f"checkpoint step {step_dir} is damaged: cannot read its state "
+                          f"metadata: {type(e).__name__}: {e}") from e
 
   def by_path(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -177,18 +261,33 @@ def _check_state_matches(abstract_state: Any, step_dir: str) -> None:
 
 
 def _restore(manager: ocp.CheckpointManager, directory: str, step: int,
-             abstract_state: Any | None) -> dict[str, Any]:
-  items = {CONFIG: ocp.args.JsonRestore(), EXTRAS: ocp.args.JsonRestore()}
+             abstract_state: Any) -> dict[str, Any]:
+  """The verified state, config and extras of one step, the state in its target shardings."""
   step_dir = os.path.join(directory, str(step))
-  if abstract_state is not None:
-    _check_state_matches(abstract_state, step_dir)
-    items[STATE] = ocp.args.StandardRestore(abstract_state)
+  _verify(step_dir, (STATE, CONFIG, EXTRAS))
+  _check_state_matches(abstract_state, step_dir)
+  items = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore(),
+           EXTRAS: ocp.args.JsonRestore()}
   try:
     restored = manager.restore(step, directory=directory, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types for damaged files; all mean the same here.
-    raise CheckpointError(
-        f"cannot restore checkpoint step {step_dir}: {type(e).__name__}: {e}") from e
+    raise CheckpointError(f"checkpoint step {step_dir} is damaged: {type(e).__name__}: "
+                          f"{e}") from e
   return {name: restored[name] for name in items}
+
+
+def _read_config(step_dir: str) -> dict:
+  _verify(step_dir, (CONFIG,))
+  return _load_json(step_dir)
+
+
+def _load_json(step_dir: str) -> dict:
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      return ckptr.restore(os.path.join(step_dir, CONFIG))
+  except Exception as e:  # as in _restore
+    raise CheckpointError(f"checkpoint step {step_dir} is damaged: cannot read its config: "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def load_config(path: str | os.PathLike, *, step: int | None = None) -> dict:
@@ -196,64 +295,99 @@ def load_config(path: str | os.PathLike, *, step: int | None = None) -> dict:
 
   Args:
     path: a workdir, its `checkpoints` directory or one step directory.
-    step: the step of a workdir or checkpoints directory; None means the latest.
+    step: the step of a workdir or checkpoints directory; None means the latest intact one.
 
   Returns:
     The config dict passed to `save`.
 
   Raises:
-    FileNotFoundError, CheckpointError: naming the path.
+    FileNotFoundError, CheckpointError: naming the path or the damaged step directories.
   """
-  directory, step = _find_step(path, step)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options, item_names=ITEMS) as manager:
-    return _restore(manager, directory, step, None)[CONFIG]
+  directory, steps = _candidates(path, step)
+  return _first_intact(directory, steps,
+                       lambda s: _read_config(os.path.join(directory, str(s))))[1]
 
 
-def _restore_to_host(item_dir: str, keys: tuple[str, ...] | None = None) -> Any:
-  """Restores an array item (or the given top-level keys of it) as host numpy arrays."""
+def _item_tree(item_dir: str) -> Any:
+  """The metadata tree (shapes, dtypes) of an array item."""
   with ocp.PyTreeCheckpointer() as ckptr:
     # Absolute: with a relative path Orbax returns no item metadata.
-    tree = ckptr.metadata(os.path.abspath(item_dir)).item_metadata.tree
-    if keys is not None:
-      tree = {k: tree[k] for k in keys if tree.get(k) is not None}
-    # numpy targets restore on the host, whatever topology wrote the checkpoint.
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=keys is not None))
+    return ckptr.metadata(os.path.abspath(item_dir)).item_metadata.tree
+
+
+def _restore_to_host(item_dir: str, part: Any = None) -> Any:
+  """Restores an array item as host numpy arrays, or only `part` of its metadata tree.
+
+  `part` must keep the stored structure: Orbax's partial restore silently returns the target's
+  own (uninitialised) arrays for keys it does not find.
+  """
+  tree = _item_tree(item_dir) if part is None else part
+  if not jax.tree.leaves(tree):
+    return tree
+  # numpy targets restore on the host, whatever topology wrote the checkpoint.
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(item_dir), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=part is not None))
+
+
+def _read_params(step_dir: str, fields: tuple[str, ...]) -> dict[str, Any]:
+  """The config, the train state's `fields` and the frozen arrays of one verified step.
+
+  Trainers save either the train state itself (the Selector, the evaluator) or a dict holding
+  it under "state" beside the "frozen" arrays it uses (the VAE, the LDM, RLHF).
+  """
+  _verify(step_dir, (STATE, FROZEN, CONFIG))
+  config = _load_json(step_dir)
+  state_dir, frozen_dir = os.path.join(step_dir, STATE), os.path.join(step_dir, FROZEN)
+  try:
+    tree = _item_tree(state_dir)
+    nested = isinstance(tree.get("state"), Mapping)
+    stored = tree["state"] if nested else tree
+    part = {f: stored[f] for f in fields if stored.get(f) is not None}
+    if nested:
+      part = {"state": part, **({"frozen": tree["frozen"]} if tree.get("frozen") else {})}
+    restored = _restore_to_host(state_dir, part)
+    state, frozen = (restored["state"], restored.get("frozen")) if nested else (restored, None)
+    if frozen is None and os.path.isdir(frozen_dir):
+      frozen = _restore_to_host(frozen_dir)
+  except Exception as e:  # as in _restore: any failure here means a damaged step.
+    raise CheckpointError(f"checkpoint step {step_dir} is damaged: cannot read its params: "
+                          f"{type(e).__name__}: {e}") from e
+  return {"config": config, "state": {f: state.get(f) for f in fields}, "frozen": frozen}
 
 
 def restore_params(path: str | os.PathLike, *, step: int | None = None,
                    fields: tuple[str, ...] = ("params", "ema_params")) -> dict[str, Any]:
-  """Reads the trained params (not the optimizer state) and the frozen arrays of a checkpoint.
+  """Reads the trained params (not the optimizer state), the frozen arrays and the config.
 
-  For sampling and export: arrays come back as host numpy arrays, independent of the mesh
-  that wrote them.
+  The one reader behind sampling, scoring, evaluation, RLHF and export: arrays come back as
+  host numpy arrays, independent of the mesh that wrote them, and config and arrays come from
+  the same (verified) step.
 
   Args:
     path: a workdir, its `checkpoints` directory or one step directory.
-    step: the step of a workdir or checkpoints directory; None means the latest.
+    step: the step of a workdir or checkpoints directory; None means the latest intact one
+      (damaged later steps are skipped with a WARNING naming each).
     fields: the state fields to read.
 
   Returns:
-    {"step": int, "state": {field: nested dict of arrays, or None when the state has none},
-    "frozen": the frozen pytree passed to `save`, or None}.
+    {"step": int, "step_dir": its directory, "config": the config dict passed to `save`,
+    "state": {field: nested dict of arrays, or None when the state has none},
+    "frozen": the frozen arrays (the state's "frozen" entry, or the `frozen` item), or None}.
+    The train state is the saved state itself, or its "state" entry when the trainer saved
+    {"state": ..., "frozen": ...} (see `_read_params`).
 
   Raises:
-    FileNotFoundError, CheckpointError: naming the path or the damaged step directory.
+    FileNotFoundError, CheckpointError: naming the path or the damaged step directories.
   """
-  directory, step = _find_step(path, step)
+  directory, steps = _candidates(path, step)
+  step, restored, _ = _first_intact(
+      directory, steps, lambda s: _read_params(os.path.join(directory, str(s)), tuple(fields)))
   step_dir = os.path.join(directory, str(step))
-  try:
-    state = _restore_to_host(os.path.join(step_dir, STATE), tuple(fields))
-    frozen_dir = os.path.join(step_dir, FROZEN)
-    frozen = _restore_to_host(frozen_dir) if os.path.isdir(frozen_dir) else None
-  except Exception as e:  # as in _restore: any failure here means a damaged step.
-    raise CheckpointError(f"cannot read params of checkpoint step {step_dir}: "
-                          f"{type(e).__name__}: {e}") from e
   log.info("read %s of checkpoint step %s", "+".join(fields), step_dir)
-  return {"step": step, "state": {f: state.get(f) for f in fields}, "frozen": frozen}
+  return {"step": step, "step_dir": step_dir, **restored}
 
 
 def _field(state: Any, name: str) -> Any:
@@ -320,15 +454,17 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: Any,
 
   Raises:
     FileNotFoundError: the resume path does not exist.
-    CheckpointError: no step of the workdir can be restored (damaged steps are skipped
-      with a warning), or the resume path holds none; the message names the directories.
+    CheckpointError: no step of the workdir (or of the resume path) is intact; the message
+      names the damaged step directories.
     ValueError: the checkpoint's state, or the params from params_init, do not match
       `abstract_state` (naming the first differing path).
   """
   if manager.latest_step() is not None:
-    return _restore_latest_good(manager, abstract_state)
-  if resume_path is not None:
-    directory, step = _find_step(resume_path)
+    directory = os.fspath(manager.directory)
+    steps = sorted(manager.all_steps(), reverse=True)
+    source = "workdir"
+  elif resume_path is not None:
+    directory, steps = _candidates(resume_path)
     source = "resume"
   elif params_init is not None:
     log.info("initialising the state from params_init (no checkpoint in %s)", manager.directory)
@@ -336,25 +472,31 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: Any,
   else:
     log.info("initialising the state from scratch (no checkpoint in %s)", manager.directory)
     return init_fn(), {}, "scratch"
-  restored = _restore(manager, directory, step, abstract_state)
+  step, restored, damaged = _first_intact(
+      directory, steps, lambda s: _restore(manager, directory, s, abstract_state))
+  if damaged and source == "workdir":
+    _set_aside(manager, damaged)
   log.info("restored the state from %s: step %d of %s", source, step, directory)
   return restored[STATE], restored[EXTRAS], source
 
 
-def _restore_latest_good(manager: ocp.CheckpointManager,
-                         abstract_state: Any) -> tuple[Any, dict, str]:
-  """Restores the newest step of the workdir that is intact, warning about damaged ones."""
+def _set_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> None:
+  """Moves damaged steps of the run to `checkpoints_damaged/`, so the run saves them anew.
+
+  Orbax never saves at or below the latest step it finds, so a damaged step left in place
+  would stay there (and be skipped again after the next interruption).
+  """
   directory = os.fspath(manager.directory)
-  errors = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = _restore(manager, directory, step, abstract_state)
-    except CheckpointError as e:
-      log.warning("checkpoint step %s is damaged; falling back to the previous step (%s)",
-                  os.path.join(directory, str(step)), e)
-      errors.append(str(e))
-      continue
-    log.info("restored the state from workdir: step %d of %s", step, directory)
-    return restored[STATE], restored[EXTRAS], "workdir"
-  raise CheckpointError(f"no checkpoint step in {directory} could be restored: "
-                        + " | ".join(errors))
+  aside = os.path.join(os.path.dirname(directory), DAMAGED_SUBDIR)
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      os.rename(os.path.join(directory, str(step)), target)
+      log.warning("moved the damaged checkpoint step %s to %s; this run writes step %d anew",
+                  os.path.join(directory, str(step)), target, step)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("fundax: damaged checkpoint steps set aside")
+  manager.reload()

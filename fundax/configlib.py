@@ -1,9 +1,12 @@
-"""Loading job configs: `--config FILE[:ARG]` plus `--config.a.b=VALUE` overrides.
+"""Loading job configs: `--config NAME[:ARG]` or `FILE[:ARG]`, and `--config.a.b=VALUE` overrides.
 
-Configs are Python files under `configs/` with `get_config(arg=None)` returning a locked
-`ml_collections.ConfigDict` (big_vision / flax-examples style). Overrides are type-checked by
-ml_collections itself: an unknown key or a value of the wrong type fails here, before any
-compute starts.
+Configs are Python files with `get_config(arg=None)` returning a locked
+`ml_collections.ConfigDict` (big_vision / flax-examples style). The repository's top-level
+`configs/` ships inside the package as `fundax.configs` (setup.py maps one onto the other), so
+a config is found by name (`main:tiny`) from any directory, in a checkout and in an installed
+wheel alike; a path (`configs/main.py:tiny`, `~/my_ldm.py`) is read as given. Overrides are
+type-checked by ml_collections itself: an unknown key or a value of the wrong type fails here,
+before any compute starts.
 """
 
 from __future__ import annotations
@@ -19,28 +22,36 @@ class ConfigError(ValueError):
   """A config file or override that cannot be applied (unknown key, wrong type, bad syntax)."""
 
 
-# The repository root: configs/ lives beside the fundax package in a source checkout.
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+def shipped_configs() -> dict[str, pathlib.Path]:
+  """Name -> file of every config that ships with fundax (the package `fundax.configs`)."""
+  from fundax import configs  # pylint: disable=g-import-not-at-top  # the checkout's configs/
+  directory = pathlib.Path(configs.__file__).parent
+  return {p.stem: p for p in sorted(directory.glob("*.py")) if p.stem != "__init__"}
 
 
 def resolve_config_path(path: str) -> pathlib.Path:
-  """Finds a config file: as given (relative to the working directory), else in the repo root."""
-  candidate = pathlib.Path(path)
+  """Finds a config file: a path as given (relative to the working directory), else the shipped
+  config `NAME` (also spelled `configs/NAME.py`, the checkout's layout, from any directory)."""
+  candidate = pathlib.Path(path).expanduser()
   if candidate.is_file():
     return candidate
-  in_repo = REPO_ROOT / path
-  if in_repo.is_file():
-    return in_repo
+  shipped = shipped_configs()
+  in_checkout_layout = candidate.parent == pathlib.Path("configs") and candidate.suffix == ".py"
+  name = candidate.stem if in_checkout_layout else path
+  if name in shipped:
+    return shipped[name]
   raise FileNotFoundError(
-      f"config file {path!r} not found (looked in {pathlib.Path.cwd()} and {REPO_ROOT})")
+      f"config {path!r} is neither a file (looked in {pathlib.Path.cwd()}) nor a shipped "
+      f"config ({', '.join(shipped)})")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `FILE[:ARG]`: imports FILE and returns `get_config(ARG)` (locked).
+  """Loads `NAME[:ARG]` or `FILE[:ARG]`: imports the file and returns `get_config(ARG)` (locked).
 
   Args:
-    spec: path of a Python config file, optionally followed by `:` and an argument string that
-      selects a variant (e.g. `configs/phantom.py:tiny`).
+    spec: a shipped config's name or the path of a Python config file, optionally followed by
+      `:` and an argument string that selects a variant (e.g. `main:tiny`,
+      `configs/main.py:tiny`).
 
   Returns:
     The locked ConfigDict.

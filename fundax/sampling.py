@@ -1,147 +1,50 @@
 """The public text-to-fundus generation API: pure, jittable, vmappable; no host callbacks.
 
-This module owns `Models` (the static description of a latent diffusion model: UNet, VAE,
-text encoder, noise schedule) and the functions built on it:
+This module owns generation from a `Models` bundle (`fundax.models.ldm`, re-exported here as
+`sampling.Models`) and from checkpoints:
 
   * `generate(params, models, input_ids, attention_mask, key, ...)`: text encoding, the
     empty-prompt embedding for classifier-free guidance, the reverse diffusion as one
     `lax.scan` (`fundax.diffusion.sample_loop`) and VAE decoding. Call it inside your own
     `jit`/`vmap`; `guidance_scale` and `eta` are traced, so changing them never recompiles.
   * `make_generate_fn(models, ...)`: the same, jitted once for a sampler and step count.
-  * `models_to_config` / `models_from_config`: the JSON description a checkpoint carries, and
-    `load_pipeline(checkpoint_dir)`, which rebuilds everything from a checkpoint directory
-    alone (model configs, tokenizer reference and params are all in it).
+  * `conditioning` and `sample_conditioned`: `generate`'s two halves (text encoding; noise,
+    sampling, decoding), which RLHF rollouts call to keep the trajectory and its log-probs.
+  * `load_pipeline(checkpoint_dir)`, which rebuilds everything from a checkpoint directory
+    alone (model configs, tokenizer reference and params are all in it), and the host
+    conveniences built on it (`sample_prompts`, `write_sample_grid`).
 
 Sampling timesteps follow the scheduler config's `timestep_spacing` and `steps_offset` when it
 has them (diffusers' names), so a converted Stable Diffusion checkpoint samples on its own
 spacing. Prompts: an empty prompt is the unconditional embedding (`[CLS] [SEP]`, exactly what
 classifier-free guidance uses), and a prompt longer than the model's token length is
 truncated with a WARNING naming it (`tokenize`).
-
-The UNet reads text token states through cross-attention; `Models.text_mask` says whether it
-also receives the tokens' attention mask (fundax's own models: yes, so padding is ignored;
-Stable Diffusion imports: no).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
+import math
 import pathlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fundax import checkpoint
 from fundax.data import caption_parser
 from fundax.data import tokenizer as tokenizer_lib
+from fundax.diffusion import registry
 from fundax.diffusion import samplers
-from fundax.diffusion import schedules
-from fundax.models import lowering as lowering_lib
-from fundax.models import text_encoder as text_lib
-from fundax.models import unet as unet_lib
-from fundax.models import vae as vae_lib
+from fundax.models import ldm as ldm_lib
 
 log = logging.getLogger(__name__)
 
-CANONICAL_EYES = ("", "right")  # "": images in their own orientation
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Models:
-  """The modules and schedule of a text-conditioned latent diffusion model (no params).
-
-  Attributes:
-    unet: the denoiser; its `config.prediction_type` says what it predicts.
-    vae: the autoencoder; its config holds the latent scaling.
-    text: the text encoder; its output width must equal the UNet's cross_attention_dim.
-    scheduler: diffusers-style scheduler config (see `schedules.make_schedule_from_config`).
-    special_tokens: [CLS], [SEP], [PAD] ids of the vocabulary (for the empty prompt).
-    text_mask: pass the token attention mask to the UNet's cross-attention.
-    canonical_eye: "" or "right": the UNet was trained on every eye in the right eye's
-      orientation (left eyes mirrored, captions naming their own eye), so a left-eye prompt's
-      image is mirrored after decoding (`eye_mirror`): laterality holds by construction.
-    schedule: the noise `Schedule` built from `scheduler` (derived, not an argument).
-  """
-  unet: unet_lib.UNet2DConditionModel
-  vae: vae_lib.AutoencoderKL
-  text: text_lib.TextEncoder
-  scheduler: dict[str, Any]
-  special_tokens: text_lib.SpecialTokens = text_lib.UNCASED_BERT_TOKENS
-  text_mask: bool = True
-  canonical_eye: str = ""
-  schedule: schedules.Schedule = dataclasses.field(init=False, repr=False)
-
-  def __post_init__(self):
-    if self.canonical_eye not in CANONICAL_EYES:
-      raise ValueError(f"canonical_eye must be one of {CANONICAL_EYES}, got "
-                       f"{self.canonical_eye!r}")
-    # Built once, eagerly and concretely (even if Models is made inside a trace), so that
-    # every jit reuses the same constant arrays.
-    with jax.ensure_compile_time_eval():
-      object.__setattr__(self, "schedule", schedules.make_schedule_from_config(self.scheduler))
-
-  @property
-  def prediction_type(self) -> str:
-    return self.unet.config.prediction_type
-
-  @property
-  def timestep_options(self) -> dict[str, Any]:
-    """`timestep_spacing` and `steps_offset` of the scheduler config, for the sampling loop."""
-    return {"timestep_spacing": self.scheduler.get("timestep_spacing"),
-            "steps_offset": int(self.scheduler.get("steps_offset", 0))}
-
-  @property
-  def latent_shape(self) -> tuple[int, int, int]:
-    """(h, w, c) of one latent at the UNet's configured sample_size."""
-    cfg = self.unet.config
-    if cfg.sample_size is None:
-      raise ValueError("the UNet config has no sample_size: pass latent_shape explicitly")
-    return (cfg.sample_size, cfg.sample_size, cfg.in_channels)
-
-
-def encode_text(models: Models, text_params, input_ids, attention_mask):
-  """Token states [B, L, D] of tokenised prompts (frozen text encoder, deterministic)."""
-  return models.text.apply({"params": text_params}, input_ids, attention_mask)
-
-
-def empty_text(models: Models, text_params, length: int):
-  """The empty prompt's token states [1, L, D] and attention mask [1, L] int32."""
-  _, mask = text_lib.empty_prompt_ids(length, models.special_tokens)
-  states = text_lib.empty_prompt_embedding(models.text, text_params, length,
-                                           models.special_tokens)
-  return states, mask
-
-
-def denoise(models: Models, unet_params, x, t, cond):
-  """The UNet as the samplers' `denoise_fn`: float32 output for (x [B, h, w, c], t [B], cond).
-
-  Args:
-    models: the models.
-    unet_params: UNet params.
-    x: noisy latents [B, h, w, c].
-    t: int timesteps [B].
-    cond: (token states [B, L, D], attention mask [B, L]).
-
-  Returns:
-    The model output [B, h, w, c] in float32 (sampler maths runs in float32 even when the
-    UNet computes in bfloat16).
-  """
-  states, mask = cond
-  mask = mask.astype(bool) if models.text_mask else None
-  out = models.unet.apply({"params": unet_params}, x, t, states, mask)
-  return out.astype(jnp.float32)
-
-
-def decode_latents(models: Models, vae_params, latents):
-  """Diffusion latents [B, h, w, c] -> images [B, H, W, 3] float32 clipped to [-1, 1]."""
-  z = vae_lib.from_latents(latents, models.vae.config)
-  images = models.vae.apply({"params": vae_params}, z, method="decode")
-  return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+# The model bundle lives in `fundax.models.ldm`; re-exported here because users build one to
+# call `generate` with converted weights (colab/03_sampling.ipynb, the README).
+Models = ldm_lib.Models
 
 
 def eye_mirror(models: Models, prompts: list[str]) -> np.ndarray:
@@ -159,6 +62,66 @@ def mirror_images(images, mirror):
   return jnp.where(jnp.asarray(mirror)[:, None, None, None], images[:, :, ::-1], images)
 
 
+def conditioning(models: Models, text_params, input_ids, attention_mask, *,
+                 guidance: bool = True):
+  """The text conditioning of `generate`: (cond, uncond), batch-first.
+
+  Args:
+    models: the static `Models`.
+    text_params: the text encoder's params.
+    input_ids: int [B, L] token ids.
+    attention_mask: int [B, L].
+    guidance: also build the empty prompt's conditioning (classifier-free guidance).
+
+  Returns:
+    cond = (token states [B, L, D], attention_mask), and uncond, the empty prompt's (states,
+    mask) broadcast to cond's shapes, or None without guidance.
+  """
+  states = ldm_lib.encode_text(models, text_params, input_ids, attention_mask)
+  if not guidance:
+    return (states, attention_mask), None
+  empty_states, empty_mask = ldm_lib.empty_text(models, text_params, input_ids.shape[1])
+  uncond = (jnp.broadcast_to(empty_states, states.shape).astype(states.dtype),
+            jnp.broadcast_to(empty_mask, attention_mask.shape).astype(attention_mask.dtype))
+  return (states, attention_mask), uncond
+
+
+def sample_conditioned(params, models: Models, cond, uncond, key, *, sampler: str,
+                       num_steps: int, guidance_scale=7.5, eta=0.0, mirror=None,
+                       latent_shape: tuple[int, int, int] | None = None,
+                       return_trajectory: bool = False):
+  """`generate` after text encoding: noise, the reverse diffusion, decoding, mirroring.
+
+  RLHF rollouts call it with `return_trajectory` (the policy's steps and their log-probs), so
+  their images are `generate`'s for the same key.
+
+  Args:
+    params: {"unet": ..., "vae": ...} (a "text" entry is ignored).
+    models: the static `Models`.
+    cond, uncond: from `conditioning`.
+    key: PRNG key, split into the initial noise's and the sampler's.
+    sampler, num_steps, guidance_scale, eta, mirror, latent_shape: as for `generate`.
+    return_trajectory: also return the `fundax.diffusion.Trajectory` (static).
+
+  Returns:
+    (images [B, H, W, 3] float32 in [-1, 1], final latents [B, h, w, c], the trajectory or
+    None).
+  """
+  latent_shape = tuple(latent_shape or models.latent_shape)
+  rng_noise, rng_sampler = jax.random.split(key)
+  x_T = jax.random.normal(rng_noise, (cond[0].shape[0],) + latent_shape, jnp.float32)
+  out = samplers.sample_loop(
+      functools.partial(ldm_lib.denoise, models, params["unet"]), models.schedule, x_T, cond,
+      uncond, rng_sampler, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+      eta=eta, prediction_type=models.prediction_type, return_trajectory=return_trajectory,
+      **models.timestep_options)
+  latents, trajectory = out if return_trajectory else (out, None)
+  images = ldm_lib.decode_latents(models, params["vae"], latents)
+  if mirror is not None:
+    images = mirror_images(images, mirror)
+  return images, latents, trajectory
+
+
 def generate(params, models: Models, input_ids, attention_mask, key, *, sampler: str = "ddim",
              num_steps: int = 50, guidance_scale=7.5, eta=0.0, mirror=None,
              latent_shape: tuple[int, int, int] | None = None, return_latents: bool = False):
@@ -170,7 +133,7 @@ def generate(params, models: Models, input_ids, attention_mask, key, *, sampler:
     input_ids: int [B, L] token ids (see `fundax.data.tokenizer.tokenize`).
     attention_mask: int [B, L], 1 for tokens, 0 for padding.
     key: PRNG key; the initial noise and every stochastic step derive from it.
-    sampler: "ddim", "ddpm" or "dpm_solver" (static).
+    sampler: a registered sampler's name (`fundax.diffusion.registry`; static).
     num_steps: reverse-diffusion steps (static).
     guidance_scale: classifier-free guidance weight (traced); None (static) disables guidance
       and halves the UNet work.
@@ -183,25 +146,12 @@ def generate(params, models: Models, input_ids, attention_mask, key, *, sampler:
   Returns:
     Images [B, H, W, 3] float32 in [-1, 1]; with return_latents, (images, latents [B, h, w, c]).
   """
-  latent_shape = tuple(latent_shape or models.latent_shape)
-  batch, length = input_ids.shape
-  rng_noise, rng_sampler = jax.random.split(key)
-  states = encode_text(models, params["text"], input_ids, attention_mask)
-  cond = (states, attention_mask)
-  uncond = None
-  if guidance_scale is not None:
-    empty_states, empty_mask = empty_text(models, params["text"], length)
-    uncond = (jnp.broadcast_to(empty_states, states.shape).astype(states.dtype),
-              jnp.broadcast_to(empty_mask, attention_mask.shape).astype(attention_mask.dtype))
-  x_T = jax.random.normal(rng_noise, (batch,) + latent_shape, jnp.float32)
-  latents = samplers.sample_loop(
-      functools.partial(denoise, models, params["unet"]), models.schedule, x_T, cond, uncond,
-      rng_sampler, sampler=sampler, num_steps=num_steps,
-      guidance_scale=1.0 if guidance_scale is None else guidance_scale, eta=eta,
-      prediction_type=models.prediction_type, **models.timestep_options)
-  images = decode_latents(models, params["vae"], latents)
-  if mirror is not None:
-    images = mirror_images(images, mirror)
+  cond, uncond = conditioning(models, params["text"], input_ids, attention_mask,
+                              guidance=guidance_scale is not None)
+  images, latents, _ = sample_conditioned(
+      params, models, cond, uncond, key, sampler=sampler, num_steps=num_steps,
+      guidance_scale=1.0 if guidance_scale is None else guidance_scale, eta=eta, mirror=mirror,
+      latent_shape=latent_shape)
   return (images, latents) if return_latents else images
 
 
@@ -211,7 +161,7 @@ def make_generate_fn(models: Models, *, sampler: str = "ddim", num_steps: int = 
 
   Args:
     models: the static `Models`.
-    sampler: "ddim", "ddpm" or "dpm_solver".
+    sampler: a registered sampler's name (`fundax.diffusion.registry`).
     num_steps: reverse-diffusion steps.
     latent_shape: (h, w, c); default from the UNet's sample_size.
 
@@ -229,52 +179,6 @@ def make_generate_fn(models: Models, *, sampler: str = "ddim", num_steps: int = 
   return generate_fn
 
 
-def models_to_config(models: Models) -> dict[str, Any]:
-  """The JSON-able description of `models` that a checkpoint stores (no params)."""
-  unet_config = models.unet.config.to_checkpoint()
-  return {
-      "unet": unet_config,
-      "vae": models.vae.config.to_diffusers(),
-      "text": models.text.to_config(),
-      "scheduler": dict(models.scheduler),
-      "special_tokens": list(models.special_tokens),
-      "text_mask": bool(models.text_mask),
-      "canonical_eye": models.canonical_eye,
-  }
-
-
-def models_from_config(config: dict[str, Any], *, dtype=jnp.float32,
-                       lowering: dict[str, Any] | None = None) -> Models:
-  """Rebuilds `Models` from `models_to_config` output (after a JSON round trip too).
-
-  A checkpoint does not store how its UNet is computed (a model trained on one kind of
-  hardware is sampled on another): `lowering` sets it.
-
-  Args:
-    config: the stored description.
-    dtype: compute dtype of the UNet, VAE and text encoder (params stay float32).
-    lowering: UNetConfig lowering fields (attention_impl, conv_impl, matmul_dtype, ...);
-      None: `lowering.default_for_backend()` (the cache-blocked attention on CPU).
-
-  Returns:
-    The Models.
-  """
-  unet_config = dict(config["unet"])
-  prediction_type = unet_config.pop("prediction_type", "epsilon")
-  if lowering is None:
-    lowering = lowering_lib.default_for_backend()
-  return Models(
-      unet=unet_lib.UNet2DConditionModel(
-          unet_lib.UNetConfig.from_diffusers(unet_config, prediction_type=prediction_type,
-                                             **lowering),
-          dtype=dtype),
-      vae=vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_diffusers(config["vae"]), dtype=dtype),
-      text=text_lib.make_text_encoder(config["text"], dtype=dtype),
-      scheduler=dict(config["scheduler"]),
-      special_tokens=text_lib.SpecialTokens(*config["special_tokens"]),
-      text_mask=bool(config["text_mask"]), canonical_eye=config.get("canonical_eye", ""))
-
-
 class Pipeline(NamedTuple):
   """Everything needed to sample from a trained checkpoint.
 
@@ -290,66 +194,58 @@ class Pipeline(NamedTuple):
   max_length: int
 
 
-def _checkpoints_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """A run's checkpoints directory, given it or the run's workdir."""
-  directory = pathlib.Path(path).absolute()  # Orbax reads no item metadata via relative paths
-  if (directory / checkpoint.CHECKPOINT_SUBDIR).is_dir():
-    directory = directory / checkpoint.CHECKPOINT_SUBDIR
-  return directory
-
-
-def restore_arrays(path: str, step: int | None = None) -> dict[str, Any]:
-  """Reads a checkpoint's array tree as nested dicts of numpy arrays (no target needed).
-
-  Sampling needs only params, and the abstract train state (optimizer included) cannot be
-  rebuilt without the training job's code, so the tree is restored as saved, on the host.
-
-  Args:
-    path: a run's workdir or its checkpoints directory.
-    step: which step; None for the latest.
-
-  Returns:
-    The saved `state` item, e.g. {"state": {"params", "ema_params", ...}, "frozen": ...}.
-  """
-  directory = _checkpoints_dir(path)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
-    step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint step in {directory}")
-  item = directory / str(step) / checkpoint.STATE
-  with ocp.PyTreeCheckpointer() as reader:
-    tree = reader.metadata(item).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return reader.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
 def load_pipeline(checkpoint_dir: str, *, step: int | None = None, use_ema: bool = True,
                   dtype=jnp.float32, lowering: dict[str, Any] | None = None) -> Pipeline:
   """Rebuilds a sampling pipeline from an LDM-trainer checkpoint directory alone.
 
+  The checkpoint is read by `fundax.checkpoint.restore_params`: verified, and the latest intact
+  step when the newest is damaged (with a WARNING naming it).
+
   Args:
     checkpoint_dir: the trainer's checkpoint directory (`<workdir>/checkpoints`) or workdir.
-    step: which checkpoint; None for the latest.
+    step: which checkpoint; None for the latest intact one.
     use_ema: sample with the EMA UNet params (when the checkpoint has them).
     dtype: compute dtype of the rebuilt modules.
-    lowering: how the UNet is computed (see `models_from_config`).
+    lowering: how the UNet is computed (see `ldm_lib.models_from_config`).
 
   Returns:
     The `Pipeline`.
+
+  Raises:
+    FileNotFoundError, checkpoint.CheckpointError: naming the path or the damaged steps.
+    ValueError: the checkpoint is not a text-to-image LDM's (e.g. a VAE or Selector run).
   """
-  directory = _checkpoints_dir(checkpoint_dir)
-  config = checkpoint.load_config(directory if step is None else directory / str(step))
-  models = models_from_config(config["models"], dtype=dtype, lowering=lowering)
+  restored = checkpoint.restore_params(checkpoint_dir, step=step)
+  config, state, frozen = restored["config"], restored["state"], restored["frozen"]
+  check_ldm_config(config, restored["step_dir"])
+  if state.get("params") is None or not frozen or set(frozen) != {"vae", "text"}:
+    raise ValueError(f"checkpoint step {restored['step_dir']} holds no UNet params with a frozen "
+                     "VAE and text encoder: it is not an LDM run's (fundax train ldm)")
+  models = ldm_lib.models_from_config(config["models"], dtype=dtype, lowering=lowering)
   tokenizer = tokenizer_lib.make_tokenizer_from_reference(config["tokenizer"])
-  restored = restore_arrays(directory, step)
-  state, frozen = restored["state"], restored["frozen"]
   ema = use_ema and state.get("ema_params") is not None
   params = jax.tree.map(jnp.asarray, {"unet": state["ema_params" if ema else "params"],
                                       "vae": frozen["vae"], "text": frozen["text"]})
-  log.info("loaded sampling pipeline from %s (%s UNet params)", checkpoint_dir,
+  log.info("loaded sampling pipeline from %s (%s UNet params)", restored["step_dir"],
            "EMA" if ema else "raw")
   return Pipeline(models, params, tokenizer, int(config["max_length"]))
+
+
+def check_ldm_config(config: dict[str, Any], where: str) -> None:
+  """Raises ValueError unless a checkpoint's config describes a text-to-image LDM.
+
+  Args:
+    config: the checkpoint's config (`fundax.checkpoint.load_config`).
+    where: the checkpoint's directory, for the message.
+  """
+  models = config.get("models") if isinstance(config, dict) else None
+  missing = [k for k in ("unet", "vae", "text", "scheduler") if k not in (models or {})]
+  missing += [k for k in ("tokenizer", "max_length") if k not in config]
+  if missing:
+    have = f"models {sorted(models)}" if isinstance(models, dict) and models else "no models"
+    raise ValueError(f"{where} is not an LDM checkpoint (its config has {have} and lacks "
+                     f"{missing}): give the workdir of `fundax train ldm` or an RLHF run's "
+                     "best/ directory")
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -404,6 +300,21 @@ def sample_prompts(pipeline: Pipeline, prompts: list[str], key, *, sampler: str 
   return np.asarray(images)
 
 
+def check_finite(images, what: str) -> np.ndarray:
+  """`images` as numpy, or FloatingPointError when any pixel is NaN/inf.
+
+  Damaged or diverged weights (or a non-finite guidance weight) make NaN images, which a PNG
+  would show as black and a metric as NaN: they stop here with a message instead.
+  """
+  images = np.asarray(images)
+  bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1) if images.size else []
+  if np.any(bad):
+    raise FloatingPointError(f"{what}: {int(np.sum(bad))} of {len(images)} images hold NaN/inf "
+                             "pixels (damaged or diverged weights, or a non-finite guidance "
+                             "weight); nothing was written")
+  return images
+
+
 def write_sample_grid(checkpoint_dir: str, prompts: list[str], out: str | pathlib.Path, *,
                       num_per_prompt: int = 4, sampler: str = "ddim", num_steps: int = 50,
                       guidance_scale: float = 7.5, eta: float = 0.0, seed: int = 0,
@@ -422,23 +333,26 @@ def write_sample_grid(checkpoint_dir: str, prompts: list[str], out: str | pathli
   Returns:
     {"grid": path, "images": count, "prompts": the prompts}.
   """
-  from fundax.data import preview  # pylint: disable=g-import-not-at-top  (PIL, fonts)
+  from fundax import images as images_lib  # pylint: disable=g-import-not-at-top  (PIL, fonts)
   if not prompts or num_per_prompt < 1:
     raise ValueError(f"need at least one prompt and --num >= 1, got {len(prompts)} prompts "
                      f"and {num_per_prompt}")
-  if sampler not in samplers.SAMPLERS:
-    raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
+  registry.get_sampler(sampler)  # an unknown name fails before the checkpoint is read
+  if not (math.isfinite(guidance_scale) and math.isfinite(eta) and eta >= 0):
+    raise ValueError(f"guidance_scale must be finite and eta finite and >= 0, got "
+                     f"{guidance_scale} and {eta}")
   pipeline = load_pipeline(checkpoint_dir, use_ema=use_ema)
+  train_steps = pipeline.models.schedule.num_train_timesteps
+  if not 1 <= num_steps <= train_steps:
+    raise ValueError(f"num_steps must be in [1, {train_steps}] (the model's training "
+                     f"timesteps), got {num_steps}")
   expanded = [p for p in prompts for _ in range(num_per_prompt)]
-  images = sample_prompts(pipeline, expanded, jax.random.key(seed), sampler=sampler,
-                          num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
+  images = check_finite(sample_prompts(
+      pipeline, expanded, jax.random.key(seed), sampler=sampler, num_steps=num_steps,
+      guidance_scale=guidance_scale, eta=eta), f"the images sampled from {checkpoint_dir}")
   captions = [p or "(empty prompt: unconditional)" for p in expanded]
-  grid = preview.make_grid(
-      list(images), captions, synthetic=True, columns=min(num_per_prompt, 8), tile=256,
+  grid = images_lib.save_grid(
+      out, images, captions, synthetic=True, columns=min(num_per_prompt, 8), tile=256,
       title=f"fundax sample: {sampler}, {num_steps} steps, guidance {guidance_scale}, "
       f"eta {eta}, seed {seed}")
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  grid.save(out)
-  log.info("wrote %s", out)
-  return {"grid": str(out), "images": len(expanded), "prompts": list(prompts)}
+  return {"grid": grid, "images": len(expanded), "prompts": list(prompts)}

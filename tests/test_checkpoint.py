@@ -1,4 +1,5 @@
-"""Tests for fundax.checkpoint: resume determinism, target shardings, resume order, keep-N."""
+"""Tests for fundax.checkpoint: resume determinism, target shardings, resume order, keep-N,
+checksums and the fallback from damaged steps."""
 
 import json
 import os
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import damage
 import toy_model
-from fundax import checkpoint, parallel
+from fundax import checkpoint, checksums, parallel
 from fundax.interop import params_io
 
 STEP_RNG_SEED = 1
@@ -216,27 +218,21 @@ def test_keep_n_and_save_interval(tmp_path, trainer):
     assert manager.all_steps() == [1, 2, 4]
 
 
-def _damage(step_dir):
-  """Overwrites the array data of a step, leaving its metadata in place."""
-  for root, _, files in os.walk(step_dir / "state"):
-    for name in files:
-      if name not in ("_METADATA", "commit_success.txt", "_sharding"):
-        with open(os.path.join(root, name), "wb") as f:
-          f.write(b"garbage")
-
-
 def test_damaged_latest_step_falls_back_with_warning(tmp_path, trainer, caplog):
   abstract, init, _ = trainer
   _save(tmp_path, init(), step=1, extras={"step": 1})
   _save(tmp_path, init(), step=2, extras={"step": 2})
   ckpt_dir = tmp_path / "checkpoints"
-  _damage(ckpt_dir / "2")
+  damage.overwrite(ckpt_dir / "2")
   with caplog.at_level("WARNING"):
     _, extras, source = _restore(tmp_path, abstract, init)
   assert source == "workdir" and extras["step"] == 1  # step 1's extras: the fallback
   assert f"checkpoint step {ckpt_dir / '2'} is damaged" in caplog.text
+  # The resumed run set the damaged step aside, so that it writes step 2 anew.
+  assert sorted(os.listdir(ckpt_dir)) == ["1"]
+  assert (tmp_path / checkpoint.DAMAGED_SUBDIR / "2" / "state").is_dir()
   # With every step damaged, the error names them.
-  _damage(ckpt_dir / "1")
+  damage.overwrite(ckpt_dir / "1")
   with pytest.raises(checkpoint.CheckpointError, match=f"step {ckpt_dir / '1'}"):
     _restore(tmp_path, abstract, init)
 
@@ -252,7 +248,7 @@ def test_damaged_step_is_named_incomplete_is_ignored(tmp_path, trainer):
   assert source == "workdir"
   # A complete-looking step with damaged array data (and no older step) is an error naming
   # the step directory.
-  _damage(ckpt_dir / "2")
+  damage.overwrite(ckpt_dir / "2")
   with pytest.raises(checkpoint.CheckpointError, match=f"step {ckpt_dir / '2'}"):
     _restore(tmp_path, abstract, init)
 
@@ -295,3 +291,43 @@ def test_changed_model_is_named_not_damage(tmp_path, trainer):
   with pytest.raises(ValueError, match=r"checkpoints/1 do not match.*'ema_params/Dense_2/kernel': "
                                        r"expected \(64, 2\), got \(64, 1\) \(and 3 more"):
     _restore(tmp_path, wider, init)
+
+
+def test_every_step_records_its_checksums(tmp_path, trainer):
+  _, init, _ = trainer
+  frozen = {"vae": {"w": np.ones((4, 2), np.float32)}}
+  with checkpoint.make_manager(tmp_path) as manager:
+    checkpoint.save(manager, 1, init(), config=CONFIG, extras={}, frozen=frozen)
+  step_dir = tmp_path / "checkpoints" / "1"
+  record = json.loads((step_dir / checksums.FILE).read_text())
+  assert set(record["items"]) == {"state", "config", "extras", "frozen"}
+  assert all(record["items"]["state"].values())
+  assert checksums.verify(step_dir, checkpoint.ITEMS)
+  # No temporary file is left behind: the record was written before Orbax's rename.
+  assert not list(tmp_path.rglob("*.tmp")) and sorted(os.listdir(step_dir.parent)) == ["1"]
+
+
+def test_resumed_run_replaces_a_garbled_step(tmp_path, mesh, trainer, caplog):
+  """Bytes changed inside an array file (same size, intact metadata): the resume falls back to
+  step 1 with a WARNING naming step 2, and the rerun writes step 2 again, identical to the
+  straight run's."""
+  abstract, init, step = trainer
+  state, _ = _train(init(), step, mesh, 0, 1)
+  _save(tmp_path, state, extras={"next": 1})
+  straight, _ = _train(state, step, mesh, 1, 2)
+  _save(tmp_path, straight, extras={"next": 2})
+  ckpt_dir = tmp_path / "checkpoints"
+  damage.garble(ckpt_dir / "2")
+  with caplog.at_level("WARNING"):
+    state, extras, source = _restore(tmp_path, abstract, init)
+  assert (source, int(state.step), extras["next"]) == ("workdir", 1, 1)
+  assert f"checkpoint step {ckpt_dir / '2'} is damaged" in caplog.text
+  assert "differs from its recorded checksum" in caplog.text
+  resumed, _ = _train(state, step, mesh, extras["next"], 2)
+  _save(tmp_path, resumed, extras={"next": 2})  # asserts that the save happened
+  assert_trees_equal(resumed, straight)
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    state, extras, _ = _restore(tmp_path, abstract, init)
+  assert int(state.step) == 2 and extras["next"] == 2 and "damaged" not in caplog.text
+  assert sorted(os.listdir(tmp_path / checkpoint.DAMAGED_SUBDIR)) == ["2"]

@@ -10,6 +10,7 @@ import pathlib
 import shutil
 
 import matplotlib
+import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -17,8 +18,33 @@ matplotlib.use("Agg")
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "colab").glob("*.ipynb"))
 
 
-def test_there_are_notebooks():
-  assert NOTEBOOKS
+def _check_phantom_data(namespace, workdir):
+  del workdir
+  assert [s.image.shape for s in namespace["samples"]] == [(256, 256, 3)] * 6
+  assert namespace["s"].masks["vessels"].any() and namespace["s"].labels.dr_grade == 4
+  assert namespace["batch"]["image"].shape == (8, 64, 64, 3)
+
+
+def _check_main_job(namespace, workdir):
+  del namespace
+  summary = json.loads((workdir / "main" / "summary.json").read_text())
+  assert all(stage["skipped"] for stage in summary["stages"].values()), summary["stages"]
+
+
+def _check_sampling(namespace, workdir):
+  del workdir
+  images = np.asarray(namespace["images"])
+  assert images.shape[:2] == (2, len(namespace["prompts"])) and images.shape[-1] == 3
+  assert np.isfinite(images).all() and np.abs(images).max() <= 1.0 + 1e-6
+
+
+# What each notebook must leave behind (a notebook without an entry fails the test below).
+CHECKS = {"01_phantom_data.ipynb": _check_phantom_data, "02_main_job.ipynb": _check_main_job,
+          "03_sampling.ipynb": _check_sampling}
+
+
+def test_every_notebook_is_checked():
+  assert sorted(p.name for p in NOTEBOOKS) == sorted(CHECKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -37,6 +63,4 @@ def test_notebook_runs(path, monkeypatch, tmp_path, request):
       continue
     source = "".join(cell["source"])
     exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)  # pylint: disable=exec-used
-  if path.name == "02_main_job.ipynb":
-    summary = json.loads((tmp_path / "main" / "summary.json").read_text())
-    assert all(stage["skipped"] for stage in summary["stages"].values()), summary["stages"]
+  CHECKS[path.name](namespace, tmp_path)

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fundax import sampling
 from fundax.data import captions
 from fundax.data import phantom
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.diffusion import samplers
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -73,11 +73,11 @@ def test_a_tiny_ldm_learns_the_eye_from_the_caption():
       attention_impl="flash", prediction_type="v_prediction")
   vae = vae_lib.VAEConfig(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                           up_block_types=("UpDecoderBlock2D",), norm_num_groups=4)
-  models = sampling.Models(
+  models = ldm_lib.Models(
       unet=unet_lib.UNet2DConditionModel(unet), vae=vae_lib.AutoencoderKL(vae), text=text,
       scheduler={"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                  "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"})
-  empty = sampling.empty_text(models, text_params, LENGTH)
+  empty = ldm_lib.empty_text(models, text_params, LENGTH)
   steps = 300
   tx = optim.make_optimizer({"lr": 1e-3, "total_steps": steps, "warmup_steps": 20,
                              "grad_clip_norm": 1.0})
@@ -99,7 +99,7 @@ def test_a_tiny_ldm_learns_the_eye_from_the_caption():
   uncond = (jnp.broadcast_to(empty[0], test_states.shape),
             jnp.broadcast_to(empty[1], test_mask.shape))
   x = samplers.sample_loop(
-      functools.partial(sampling.denoise, models, state.params), models.schedule,
+      functools.partial(ldm_lib.denoise, models, state.params), models.schedule,
       jax.random.normal(jax.random.key(5), (32, SIDE, SIDE, 4)), (test_states, test_mask),
       uncond, jax.random.key(6), sampler="ddim", num_steps=20, guidance_scale=1.0,
       prediction_type="v_prediction", **models.timestep_options)

@@ -25,8 +25,9 @@ ALL_CONFIGS = [
 
 
 def test_every_config_file_is_listed():
-  files = {p.name for p in CONFIG_DIR.glob("*.py")}
+  files = {p.name for p in CONFIG_DIR.glob("*.py")} - {"__init__.py"}
   assert files == {name for name, _ in ALL_CONFIGS}
+  assert set(configlib.shipped_configs()) == {name[:-3] for name, _ in ALL_CONFIGS}
 
 
 @pytest.mark.parametrize("name,arg", ALL_CONFIGS)
@@ -38,9 +39,27 @@ def test_configs_load_locked(name, arg):
     config.not_a_field = 1  # locked: new fields are refused
 
 
-def test_config_found_relative_to_repo(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # not the repo: falls back to the checkout's configs/
-  assert configlib.load_config("configs/main.py:tiny").data.resolution == 64
+@pytest.mark.parametrize("spec", ["main:tiny", "configs/main.py:tiny"])
+def test_shipped_config_found_from_any_directory(tmp_path, monkeypatch, spec):
+  monkeypatch.chdir(tmp_path)  # not the repo: the shipped configs (fundax.configs)
+  assert configlib.load_config(spec).data.resolution == 64
+
+
+def test_config_file_path_comes_before_a_shipped_name(tmp_path, monkeypatch):
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "main.py").write_text(
+      "import ml_collections\n"
+      "def get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict({'mine': arg})\n")
+  monkeypatch.chdir(tmp_path)
+  assert configlib.load_config("configs/main.py:x").mine == "x"
+  assert "data" in configlib.load_config("main:tiny")
+
+
+def test_unknown_config_lists_the_shipped_ones(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match="nothere.*main"):
+    configlib.load_config("nothere:tiny")
 
 
 def test_overrides_apply_with_types():

@@ -6,6 +6,7 @@ load back in diffusers and reproduce them too.
 """
 
 import json
+import shutil
 
 import diffusers
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import torch
 import transformers
 
 from fundax import cli
+from fundax.data import tokenizer as tokenizer_lib
 from fundax.interop import params_io
 from fundax.models import text_encoder, unet
 
@@ -88,9 +90,13 @@ def test_bert_convert_matches_transformers(tmp_path):
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)]
   (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
   assert cli.main(["convert", "bert", str(tmp_path / "hf"), str(tmp_path / "fx")]) == 0
+  shutil.rmtree(tmp_path / "hf")  # the converted directory carries its vocabulary
 
   encoder, params, tokenizer = text_encoder.load_text_encoder(str(tmp_path / "fx"))
-  assert tokenizer["vocab_size"] == 30
+  assert tokenizer["vocab_size"] == 30 and tokenizer["path"] == str(tmp_path / "fx" / "tokenizer")
+  words = tokenizer_lib.make_tokenizer_from_reference(tokenizer)
+  np.testing.assert_array_equal(tokenizer_lib.tokenize(words, ["w2 w4"], 6)["input_ids"],
+                                [[2, 7, 9, 3, 0, 0]])
   ids = np.array([[2, 7, 9, 3, 0, 0]])
   mask = (ids > 0).astype(np.int32)
   ours = np.asarray(encoder.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))

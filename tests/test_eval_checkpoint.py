@@ -11,7 +11,6 @@ import pytest
 from fundax import checkpoint
 from fundax import cli
 from fundax import configlib
-from fundax import sampling
 from fundax.data import captions
 from fundax.data import phantom
 from fundax.data import tokenizer as tokenizer_lib
@@ -19,6 +18,7 @@ from fundax.eval import c2st
 from fundax.eval import evaluator as ev
 from fundax.eval import run
 from fundax.eval import utility
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.selector import score as score_lib
 
@@ -49,7 +49,7 @@ def ldm_checkpoint(tmp_path_factory):
                                special_tokens=text_lib.special_tokens(vocab))
   params = tiny_ldm.init_params(models)
   config = {"job": configlib.load_config("configs/ldm.py:tiny").to_dict(),
-            "models": sampling.models_to_config(models),
+            "models": ldm_lib.models_to_config(models),
             "tokenizer": tokenizer_lib.tokenizer_reference(str(vocab)),
             "max_length": tiny_ldm.LENGTH}
   workdir = root / "run"
@@ -88,9 +88,10 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
                                             "stage_sizes": (1,), "steps": 3, "batch_size": 4})
   monkeypatch.setattr(c2st, "DEFAULTS", {**c2st.DEFAULTS, "width": 8,
                                          "stage_sizes": (1,), "steps": 3, "batch_size": 4})
-  out = tmp_path / "out"
+  out, selector = tmp_path / "out", tmp_path / "selector"
+  selector.mkdir()  # the stub scores; the command checks the directory exists before any work
   assert cli.main(["evaluate", "--checkpoint", ldm_checkpoint, "--evaluator", evaluator_dir,
-                   "--selector", "/selector/run", "--prompts", str(tmp_path / "prompts.txt"),
+                   "--selector", str(selector), "--prompts", str(tmp_path / "prompts.txt"),
                    "--out", str(out), "--samples-per-prompt", "2", "--num-steps", "2",
                    "--num-reference", "6", "--num-heldout", "4"]) == 0
   printed = capsys.readouterr().out
@@ -101,7 +102,7 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
   samples = sorted(out.glob("samples/*.png"))
   assert len(samples) == 4
   # Two samples per prompt, in prompt order, handed to the Selector with their prompts.
-  assert scored == [("/selector/run", [str(p) for p in samples],
+  assert scored == [(str(selector), [str(p) for p in samples],
                      [prompts[0]] * 2 + [prompts[1]] * 2)]
   assert metrics["selector"]["scores"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
   assert set(metrics["diversity_by_prompt"]) == set(prompts)

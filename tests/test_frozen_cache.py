@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from fundax import configlib
-from fundax import sampling
 from fundax.data import captions
 from fundax.data import datasets
 from fundax.data import pipeline
@@ -17,6 +16,7 @@ from fundax.data import tokenizer as tokenizer_lib
 from fundax.data.builders import features
 from fundax.data.config import data_config
 from fundax.models import bert
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -47,9 +47,9 @@ def setup(tmp_path_factory):
       sample_size=16, block_out_channels=(16,), down_block_types=("DownBlock2D",),
       up_block_types=("UpBlock2D",), layers_per_block=1, cross_attention_dim=16,
       attention_head_dim=2, norm_num_groups=8, mid_block_type=None)
-  models = sampling.Models(unet=unet_lib.UNet2DConditionModel(unet_config),
-                           vae=vae_lib.AutoencoderKL(vae_config), text=text,
-                           scheduler={"beta_schedule": "scaled_linear"})
+  models = ldm_lib.Models(unet=unet_lib.UNet2DConditionModel(unet_config),
+                          vae=vae_lib.AutoencoderKL(vae_config), text=text,
+                          scheduler={"beta_schedule": "scaled_linear"})
   key_vae, key_text = jax.random.split(jax.random.key(0))
   frozen = {"vae": models.vae.init(key_vae, jnp.zeros((1, 32, 32, 3)))["params"],
             "text": text.init(key_text, jnp.zeros((1, 4), jnp.int32))["params"]}

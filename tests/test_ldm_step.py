@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fundax import sampling
 from fundax.diffusion import losses
 from fundax.diffusion import schedules
+from fundax.models import ldm as ldm_lib
 from fundax.train import ldm_step
 from fundax.train import optim
 from fundax.train import state as state_lib
@@ -71,7 +71,7 @@ def test_caption_dropout_probability_and_replacement(tiny):
                                                   jax.random.key(0))
   dropped = np.asarray(dropped)
   assert abs(dropped.mean() - 0.3) < 0.03  # 4.6 standard deviations
-  empty, empty_mask = sampling.empty_text(models, params["text"], LENGTH)
+  empty, empty_mask = ldm_lib.empty_text(models, params["text"], LENGTH)
   np.testing.assert_allclose(np.asarray(out[dropped]),
                              np.broadcast_to(empty, (dropped.sum(), LENGTH, 32)), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(out[~dropped]), 1.0)
@@ -137,8 +137,8 @@ def test_cached_latents_and_embeddings_match_encoding(overfit_setup):
   rng_latent = jax.random.split(rng, 4)[0]
   cached = {
       "latents": ldm_step.encode_latents(models, frozen["vae"], batch["image"], rng_latent),
-      "text_embeddings": sampling.encode_text(models, frozen["text"], batch["input_ids"],
-                                              batch["attention_mask"]),
+      "text_embeddings": ldm_lib.encode_text(models, frozen["text"], batch["input_ids"],
+                                             batch["attention_mask"]),
       "attention_mask": batch["attention_mask"],
   }
   evaluate = functools.partial(ldm_step.ldm_eval_step, models=models, config=config)

@@ -60,7 +60,7 @@ def test_push_candidates_rates_and_exports(phantoms, tmp_path):
 
 def test_selector_retrain_config(tmp_path):
   job = configlib.load_config("configs/selector.py:tiny")
-  manager = checkpoint.make_manager(tmp_path, async_=False)
+  manager = checkpoint.make_manager(tmp_path)
   checkpoint.save(manager, 1, {"x": np.zeros(2)}, config={"job": job.to_dict()}, extras={})
   manager.close()
   overrides = configlib.load_config("configs/rlhf.py:tiny").feedback.selector

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from fundax import checkpoint
 from fundax import configlib
 from fundax import sampling
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import bert
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.rl import ddpo
 from fundax.rl import reward as reward_lib
@@ -24,20 +24,6 @@ from fundax.rl import rollout as rollout_lib
 from fundax.rl import rounds
 from fundax.train import state as state_lib
 from tiny_ldm import tiny_models
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-  """Every run builds new jitted closures of the same programs; compile each program once."""
-  saved = {name: getattr(jax.config, name) for name in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +35,8 @@ def ldm_dir(tmp_path_factory):
                                               num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=64))
   reference = tokenizer_lib.tokenizer_reference(None)
-  models = sampling.Models(unet=base.unet, vae=base.vae, text=text, scheduler=base.scheduler,
-                           special_tokens=text_lib.special_tokens(tokenizer_lib.minilm_dir()))
+  models = ldm_lib.Models(unet=base.unet, vae=base.vae, text=text, scheduler=base.scheduler,
+                          special_tokens=text_lib.special_tokens(tokenizer_lib.minilm_dir()))
 
   def init(key):
     k_unet, k_vae, k_text = jax.random.split(key, 3)
@@ -62,10 +48,10 @@ def ldm_dir(tmp_path_factory):
   params = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(
       jax.random.key(0))
   workdir = tmp_path_factory.mktemp("ldm")
-  manager = checkpoint.make_manager(workdir, async_=False)
+  manager = checkpoint.make_manager(workdir)
   checkpoint.save(manager, 0, {"state": {"params": params["unet"]},
                                "frozen": {"vae": params["vae"], "text": params["text"]}},
-                  config={"job": {}, "models": sampling.models_to_config(models),
+                  config={"job": {}, "models": ldm_lib.models_to_config(models),
                           "tokenizer": reference, "max_length": 8}, extras={})
   manager.close()
   return str(workdir)
@@ -85,8 +71,16 @@ def make_config(ldm_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def loop(ldm_dir, tmp_path_factory):
-  return rounds.build_loop(make_config(ldm_dir), tmp_path_factory.mktemp("loop"),
-                           reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
+  """The tiny loop, rewarded by a reward registered here and chosen by name in its config."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(reward_lib, "_REWARDS", dict(reward_lib._REWARDS))  # registered for this loop
+    reward_lib.register_reward("test_brightness")(lambda config: reward_lib.mean_brightness)
+    yield rounds.build_loop(make_config(ldm_dir, reward="test_brightness"),
+                            tmp_path_factory.mktemp("loop"), heldout_fn=darkness)
+
+
+def test_the_config_names_the_reward(loop):
+  assert loop.reward is reward_lib.mean_brightness
 
 
 def test_update_recomputes_the_rollout_log_probs(loop):
@@ -134,7 +128,8 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
       stage1.micro_batches = parts
     update = jax.jit(functools.partial(
         ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
-        stochastic=rollout_lib.stochastic_steps(loop.pipeline.models, c.num_steps)))
+        sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
+                                                                  c.sampler, c.num_steps)))
     results[parts] = jax.device_get(update(state, batch, jax.random.key(0),
                                            {"reference": params["unet"]}))
   (whole, whole_metrics) = results[1]
@@ -150,9 +145,9 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
     bad.micro_batches = 3
   with pytest.raises(ValueError, match="micro_batches"):
     ddpo.ddpo_update_step(state, batch, jax.random.key(0), {"reference": params["unet"]},
-                          models=loop.pipeline.models, tx=tx, config=bad,
+                          models=loop.pipeline.models, tx=tx, config=bad, sampler=c.sampler,
                           stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
-                                                                  c.num_steps))
+                                                                  c.sampler, c.num_steps))
 
 
 def test_toy_reward_goes_up(loop):
@@ -167,7 +162,8 @@ def test_toy_reward_goes_up(loop):
   tx = optax.adam(1e-3)
   update = jax.jit(functools.partial(
       ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
-      stochastic=rollout_lib.stochastic_steps(loop.pipeline.models, c.num_steps)))
+      sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
+                                                                c.sampler, c.num_steps)))
   state = jax.jit(lambda p: state_lib.create(p, tx))(params["unet"])
   texts, key = loop.draw(0, 0, 0)
   rewards = []
@@ -197,7 +193,7 @@ def test_resume_mid_round_equals_uninterrupted(ldm_dir, tmp_path):
   b = rounds.run(config, str(split), reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
   assert a["queries"] == b["queries"] == 16
   assert a["accepted_fraction"] == b["accepted_fraction"]
-  params_a, params_b = (sampling.restore_arrays(w)["state"]["params"]
+  params_a, params_b = (checkpoint.restore_params(w)["state"]["params"]
                         for w in (straight, split))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                params_a, params_b)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fundax import sampling
+from fundax.models import ldm as ldm_lib
 from tiny_ldm import LENGTH, STEPS, init_params, prompts, tiny_models
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_no_guidance_equals_guidance_one(tiny):
 
 def test_models_config_round_trip(tiny):
   models = tiny[0]
-  config = json.loads(json.dumps(sampling.models_to_config(models)))
-  rebuilt = sampling.models_from_config(config, lowering={})  # XLA's own ops, as `models`
-  assert sampling.models_to_config(rebuilt) == config
+  config = json.loads(json.dumps(ldm_lib.models_to_config(models)))
+  rebuilt = ldm_lib.models_from_config(config, lowering={})  # XLA's own ops, as `models`
+  assert ldm_lib.models_to_config(rebuilt) == config
   assert rebuilt.unet == models.unet and rebuilt.vae == models.vae
   assert rebuilt.text == models.text and rebuilt.text_mask == models.text_mask
   np.testing.assert_array_equal(np.asarray(rebuilt.schedule.alphas_cumprod),
@@ -98,8 +99,8 @@ def test_models_config_round_trip(tiny):
   # The lowering is not part of the checkpoint: the loading backend picks it (the blocked
   # attention on CPU), or the caller does.
   assert jax.default_backend() == "cpu"
-  assert sampling.models_from_config(config).unet.config.attention_impl == "flash"
-  chosen = sampling.models_from_config(config, lowering={"conv_impl": "matmul"}).unet.config
+  assert ldm_lib.models_from_config(config).unet.config.attention_impl == "flash"
+  chosen = ldm_lib.models_from_config(config, lowering={"conv_impl": "matmul"}).unet.config
   assert (chosen.conv_impl, chosen.attention_impl) == ("matmul", "xla")
 
 
@@ -134,8 +135,8 @@ def test_canonical_eye_mirrors_the_other_eyes_samples(tiny):
   mirrored = np.asarray(fn(params, ids, mask, key, 2.0, 0.0, mirror))
   np.testing.assert_array_equal(mirrored[0], plain[0][:, ::-1])
   np.testing.assert_array_equal(mirrored[1:], plain[1:])
-  config = json.loads(json.dumps(sampling.models_to_config(canonical)))
-  assert sampling.models_from_config(config).canonical_eye == "right"
+  config = json.loads(json.dumps(ldm_lib.models_to_config(canonical)))
+  assert ldm_lib.models_from_config(config).canonical_eye == "right"
   with pytest.raises(ValueError, match="canonical_eye"):
     dataclasses.replace(models, canonical_eye="left")
 
@@ -144,9 +145,9 @@ def test_scheduler_spacing_reaches_the_sampling_loop(tiny, monkeypatch):
   """A converted SD scheduler config (steps_offset 1, "leading") sets the sampled timesteps."""
   models, params, _, _ = tiny
   assert _sample_loop_kwargs(models, params, monkeypatch)["steps_offset"] == 0
-  sd = sampling.Models(unet=models.unet, vae=models.vae, text=models.text,
-                       scheduler={**models.scheduler, "steps_offset": 1,
-                                  "timestep_spacing": "trailing"})
+  sd = ldm_lib.Models(unet=models.unet, vae=models.vae, text=models.text,
+                      scheduler={**models.scheduler, "steps_offset": 1,
+                                 "timestep_spacing": "trailing"})
   seen = _sample_loop_kwargs(sd, params, monkeypatch)
   assert (seen["steps_offset"], seen["timestep_spacing"]) == (1, "trailing")
   # ... and they change the timesteps the loop walks (diffusers' set_timesteps semantics).
@@ -188,10 +189,10 @@ def test_load_pipeline_from_a_relative_workdir(tiny, tmp_path, monkeypatch):
   from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   models, params, _, _ = tiny
   monkeypatch.chdir(tmp_path)
-  manager = checkpoint.make_manager("run", max_to_keep=1, async_=False)
+  manager = checkpoint.make_manager("run", max_to_keep=1)
   checkpoint.save(manager, 1, {"state": {"params": params["unet"]},
                                "frozen": {"vae": params["vae"], "text": params["text"]}},
-                  config={"models": sampling.models_to_config(models),
+                  config={"models": ldm_lib.models_to_config(models),
                           "tokenizer": tokenizer_lib.tokenizer_reference(),
                           "max_length": LENGTH}, extras={})
   checkpoint.wait(manager)

@@ -14,30 +14,14 @@ import signal
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
+from fundax import checkpoint
 from fundax import cli
 from fundax import configlib
-from fundax import sampling
 from fundax.train import loop
 from fundax.trainers import ldm
 from fundax.trainers import vae
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-  """Each trainer runs twice or three times, and each run compiles the same programs anew
-  (new closures); a persistent compilation cache for this module compiles them once."""
-  saved = {name: getattr(jax.config, name) for name in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +59,7 @@ def check_outputs(workdir, steps):
 
 
 def params_of(workdir):
-  return sampling.restore_arrays(workdir)["state"]["params"]
+  return checkpoint.restore_params(workdir)["state"]["params"]
 
 
 def assert_trees_close(a, b):

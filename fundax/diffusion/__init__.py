@@ -1,12 +1,16 @@
 """Diffusion maths: noise schedules, reverse-process steps with exact log-probs, and samplers.
 
 Everything here is a pure function over arrays, weight-compatible in its numerics with
-diffusers' DDPM, DDIM and DPMSolverMultistep schedulers.
+diffusers' DDPM, DDIM and DPMSolverMultistep schedulers. Samplers are looked up by name in
+`registry` (importing this package registers the built-in ones).
 """
 
 from fundax.diffusion.dpm_solver import dpm_sigma_at
 from fundax.diffusion.dpm_solver import dpm_solver_step
-from fundax.diffusion.samplers import SAMPLERS
+from fundax.diffusion.registry import Sampler
+from fundax.diffusion.registry import get_sampler
+from fundax.diffusion.registry import register_sampler
+from fundax.diffusion.registry import sampler_names
 from fundax.diffusion.samplers import Trajectory
 from fundax.diffusion.samplers import guided_model_output
 from fundax.diffusion.samplers import make_timesteps

@@ -8,13 +8,18 @@ the step is a pure function a `lax.scan` can carry.
 
 The first step and the last step are first order (DDIM-like), as in diffusers: the first has no
 history, and the last steps to sigma 0, where diffusers always drops to first order. The step
-is deterministic, so it has no log-prob; samplers report 0 for it.
+is deterministic, so it has no log-prob; samplers report 0 for it. `DPMSolver` is the
+registered sampler (`fundax.diffusion.registry`) built on the step.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
+
+from fundax.diffusion import registry
 from fundax.diffusion import schedules
 
 # diffusers replaces a zero alpha-bar (zero-terminal-SNR schedules) by the smallest float16
@@ -95,3 +100,36 @@ def dpm_solver_step(schedule, model_output, t, t_prev, x_t, prev_x0, t_last, sec
   second = first - 0.5 * (alpha_t * expm) * d1
   prev_sample = jnp.where(second_order, second, first)
   return prev_sample.astype(x_t.dtype), x0
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolver:
+  """diffusers' DPMSolverMultistepScheduler (defaults above) as a sampler; deterministic."""
+  name: str = "dpm_solver"
+  default_spacing: str = "linspace"
+  exact_log_probs: bool = False
+
+  def timesteps(self, num_steps, num_train_timesteps, spacing, steps_offset):
+    if spacing == "trailing":
+      ts = schedules.spaced_timesteps(num_steps, num_train_timesteps, spacing)
+    else:  # it spaces num_steps + 1 points and drops the last (t = 0)
+      ts = schedules.spaced_timesteps(num_steps + 1, num_train_timesteps, spacing,
+                                      steps_offset)[:-1]
+    return ts, np.concatenate([ts[1:], [-1]])
+
+  def init_carry(self, x_T):
+    """The history: the previous x0 prediction, its timestep, and whether there is one."""
+    return jnp.zeros(x_T.shape, jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+
+  def step(self, schedule, model_output, t, t_prev, x_t, carry, *, key, eta, prediction_type):
+    del key, eta
+    prev_x0, t_last, has_history = carry
+    # Second order but on the first step (no history) and the last (t_prev < 0: sigma 0).
+    second_order = jnp.logical_and(has_history, t_prev >= 0)
+    x_prev, x0 = dpm_solver_step(schedule, model_output, t, t_prev, x_t, prev_x0, t_last,
+                                 second_order, prediction_type)
+    log_prob = jnp.zeros((x_t.shape[0],), jnp.float32)
+    return x_prev, log_prob, (x0, jnp.asarray(t, jnp.int32), jnp.ones((), bool))
+
+
+registry.register_sampler(DPMSolver())

@@ -3,7 +3,8 @@
 This module owns the `Schedule` pytree (betas, alphas, cumulative alphas) built from a
 diffusers-style scheduler config, and the pure functions every sampler, loss and RL objective
 shares: noising (`add_noise`), the v-prediction target (`velocity`), turning a model output into
-predictions of x0 and of the noise (`pred_x0_and_eps`) and the signal-to-noise ratio (`snr`).
+predictions of x0 and of the noise (`pred_x0_and_eps`) and the signal-to-noise ratio (`snr`),
+and the inference timestep spacings diffusers' schedulers share (`spaced_timesteps`).
 
 The arrays are computed on the host in float64 from float32 betas (diffusers' betas are float32
 tensors) and stored as float32, so they agree with diffusers' float32 `alphas_cumprod` to a few
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 # diffusers' defaults for the schedule keys of a scheduler config.
 _CONFIG_DEFAULTS = dict(
@@ -237,3 +239,27 @@ def snr(schedule: Schedule, t):
   """
   abar = schedule.alphas_cumprod[t]
   return abar / (1 - abar)
+
+
+def spaced_timesteps(num_points: int, num_train_timesteps: int, spacing: str,
+                     steps_offset: int = 0) -> np.ndarray:
+  """`num_points` descending int64 timesteps spaced as diffusers' DDPM and DDIM schedulers do.
+
+  Args:
+    num_points: how many timesteps.
+    num_train_timesteps: N of the schedule.
+    spacing: "leading" (multiples of N // num_points, plus `steps_offset`), "trailing" (ending
+      at N - 1) or "linspace" (rounded linspace over [0, N - 1]).
+    steps_offset: added to "leading" timesteps (1 in the Stable Diffusion configs).
+
+  Returns:
+    int64 numpy array [num_points], descending.
+  """
+  n_train, n = num_train_timesteps, num_points
+  if spacing == "linspace":
+    return np.linspace(0, n_train - 1, n).round()[::-1].astype(np.int64)
+  if spacing == "leading":
+    return (np.arange(0, n) * (n_train // n)).round()[::-1].astype(np.int64) + steps_offset
+  if spacing == "trailing":
+    return np.round(np.arange(n_train, 0, -n_train / n)).astype(np.int64) - 1
+  raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")

@@ -11,15 +11,21 @@ Log-prob convention: summed over all non-batch dims, one value per example ([B])
 step is deterministic (std == 0: DDIM with eta=0, the last DDPM step, the last DDIM step with
 set_alpha_to_one) the density is a point mass and the log-prob is defined as 0.0, so a
 trajectory's log-prob is the sum over its stochastic steps only.
+
+`DDPM` and `DDIM` are these steps as registered samplers (`fundax.diffusion.registry`), with
+diffusers' inference timesteps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fundax.diffusion import registry
 from fundax.diffusion import schedules
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -168,3 +174,57 @@ def ddim_step(schedule, model_output, t, t_prev, x_t, eta, *, key=None, noise=No
   """
   mean, std, _ = ddim_moments(schedule, model_output, t, t_prev, x_t, eta, prediction_type)
   return _finish_step(mean, std, x_t, key, noise, prev_sample)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM:
+  """diffusers' DDPMScheduler as a sampler: ancestral steps to the next inference timestep."""
+  name: str = "ddpm"
+  default_spacing: str = "leading"
+  exact_log_probs: bool = True
+
+  def timesteps(self, num_steps, num_train_timesteps, spacing, steps_offset):
+    ts = schedules.spaced_timesteps(num_steps, num_train_timesteps, spacing, steps_offset)
+    return ts, np.concatenate([ts[1:], [-1]])
+
+  def init_carry(self, x_T):
+    return ()
+
+  def moments(self, schedule, model_output, t, t_prev, x_t, eta, prediction_type):
+    del eta  # DDPM's variance is the posterior's
+    mean, std, _ = ddpm_moments(schedule, model_output, t, t_prev, x_t, prediction_type)
+    return mean, std
+
+  def step(self, schedule, model_output, t, t_prev, x_t, carry, *, key, eta, prediction_type):
+    del eta
+    x_prev, log_prob = ddpm_step(schedule, model_output, t, t_prev, x_t, key=key,
+                                 prediction_type=prediction_type)
+    return x_prev, log_prob, carry
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM:
+  """diffusers' DDIMScheduler as a sampler; eta (traced) sets its stochasticity."""
+  name: str = "ddim"
+  default_spacing: str = "leading"
+  exact_log_probs: bool = True
+
+  def timesteps(self, num_steps, num_train_timesteps, spacing, steps_offset):
+    ts = schedules.spaced_timesteps(num_steps, num_train_timesteps, spacing, steps_offset)
+    return ts, ts - num_train_timesteps // num_steps
+
+  def init_carry(self, x_T):
+    return ()
+
+  def moments(self, schedule, model_output, t, t_prev, x_t, eta, prediction_type):
+    mean, std, _ = ddim_moments(schedule, model_output, t, t_prev, x_t, eta, prediction_type)
+    return mean, std
+
+  def step(self, schedule, model_output, t, t_prev, x_t, carry, *, key, eta, prediction_type):
+    x_prev, log_prob = ddim_step(schedule, model_output, t, t_prev, x_t, eta, key=key,
+                                 prediction_type=prediction_type)
+    return x_prev, log_prob, carry
+
+
+registry.register_sampler(DDPM())
+registry.register_sampler(DDIM())

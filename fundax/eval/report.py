@@ -5,7 +5,7 @@ phantoms score and what its negative control scores; the Selector's score (when 
 agreement with the independent judges, so a reader sees at once whether the reward the
 generator was optimised against agrees with measures it never saw; the evaluator's own
 held-out scores (accuracy beside the majority rate); sample grids per prompt
-(stamped SYNTHETIC by `preview.make_grid`); per-attribute consistency confusion matrices; the
+(stamped SYNTHETIC by `fundax.images.make_grid`); per-attribute consistency confusion matrices; the
 privacy audit's closest generated/training pairs side by side; distribution plots (vessel
 fraction of generated images and phantoms, and the Selector's scores split by whether the
 evaluator sees the prompt honoured).
@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import Image
 
+from fundax import images as images_lib
 from fundax.data import labels as labels_lib
-from fundax.data import preview
 
 _CLASS_NAMES = {"dr_grade": [str(i) for i in range(5)], "dme": ["no", "yes"],
                 "amd_stage": [str(i) for i in range(4)],
@@ -156,9 +156,10 @@ def prompt_grids(images, prompts: Sequence[str], max_prompts: int = 8, tile: int
     groups.setdefault(p, []).append(i)
   uris = []
   for prompt, idx in list(groups.items())[:max_prompts]:
-    grid = preview.make_grid([images[i] for i in idx], [f"sample {k}" for k in range(len(idx))],
-                             synthetic=True, columns=min(4, len(idx)), tile=tile, title=prompt,
-                             caption_lines=1)
+    grid = images_lib.make_grid([images[i] for i in idx],
+                                [f"sample {k}" for k in range(len(idx))], synthetic=True,
+                                columns=min(4, len(idx)), tile=tile, title=prompt,
+                                caption_lines=1)
     uris.append((prompt, png_base64(grid)))
   return uris
 
@@ -167,8 +168,8 @@ def closest_pairs_html(pairs, generated, training, tile: int = 200) -> str:
   """Side-by-side thumbnails of (generated, nearest training) pairs with their distance."""
   cells = []
   for g, t, dist in pairs:
-    grid = preview.make_grid([generated[g], training[t]], ["generated", "training"],
-                             synthetic=[True, False], columns=2, tile=tile, caption_lines=1)
+    grid = images_lib.make_grid([generated[g], training[t]], ["generated", "training"],
+                                synthetic=[True, False], columns=2, tile=tile, caption_lines=1)
     cells.append(f'<div class="pair">{_img(png_base64(grid), "closest pair")}<br>'
                  f"generated #{g} vs training #{t}: RMS {dist:.4f}</div>")
   return "".join(cells)
@@ -191,7 +192,7 @@ def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,
   """
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
            f"</title><style>{_STYLE}</style></head><body>",
-           f"<div class='banner'>{html.escape(preview.SYNTHETIC_BANNER)}</div>",
+           f"<div class='banner'>{html.escape(images_lib.SYNTHETIC_BANNER)}</div>",
            f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(metrics.get('note', ''))}</p>",
            "<h2>Metrics</h2>", metric_table(metrics["table"])]
   if metrics.get("c2st"):

@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 from scipy import stats
 
+from fundax import images as images_lib
 from fundax.data import captions
 from fundax.eval import anatomy_checks
 from fundax.eval import c2st as c2st_lib
@@ -61,20 +62,24 @@ DEFAULTS = {
 }
 
 
-def generate_from_checkpoint(checkpoint_dir: str, prompts: Sequence[str],
+def generate_from_checkpoint(checkpoint, prompts: Sequence[str],
                              config: Mapping) -> tuple[np.ndarray, list[str]]:
   """Samples `samples_per_prompt` images per prompt with `fundax.sampling`.
 
   Args:
-    checkpoint_dir: an LDM trainer's checkpoint directory.
+    checkpoint: an LDM trainer's checkpoint directory, or a `sampling.Pipeline` loaded from one.
     prompts: distinct prompts.
     config: evaluate options (samples_per_prompt, num_steps, guidance_scale, batch_size, seed).
 
   Returns:
     (images [N, H, W, 3] float32 in [-1, 1], the N prompts, each repeated per sample).
+
+  Raises:
+    FloatingPointError: the images hold NaN/inf (damaged or diverged weights).
   """
   from fundax import sampling  # pylint: disable=g-import-not-at-top  (only this path needs it)
-  pipeline = sampling.load_pipeline(checkpoint_dir)
+  pipeline = (checkpoint if isinstance(checkpoint, sampling.Pipeline)
+              else sampling.load_pipeline(checkpoint))
   generate_fn = sampling.make_generate_fn(pipeline.models, num_steps=config["num_steps"])
   repeated = [p for p in prompts for _ in range(config["samples_per_prompt"])]
   key = jax.random.key(config["seed"])
@@ -88,7 +93,7 @@ def generate_from_checkpoint(checkpoint_dir: str, prompts: Sequence[str],
                       jax.random.fold_in(key, start), config["guidance_scale"],
                       mirror=tokens["mirror"])
     images.append(np.asarray(out)[:len(batch)])
-  return np.concatenate(images), repeated
+  return sampling.check_finite(np.concatenate(images), "the generated images"), repeated
 
 
 def _to_float(images) -> np.ndarray:
@@ -199,6 +204,9 @@ def evaluate(source, prompts: Sequence[str], *, evaluator_dir: str, reference_im
     images = np.asarray(source)
     prompts = list(prompts)
   images = _to_float(images)
+  if not np.isfinite(images).all():
+    raise FloatingPointError("the images to evaluate hold NaN/inf pixels (damaged or diverged "
+                             "weights?); no metrics were written")
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
   size = images.shape[1]
@@ -344,18 +352,6 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def write_samples(images, directory: pathlib.Path) -> list[str]:
-  """Writes generated images as PNG files (for rescoring and inspection); returns the paths."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  directory.mkdir(parents=True, exist_ok=True)
-  paths = []
-  for i, image in enumerate(np.asarray(images)):
-    path = directory / f"{i:05d}.png"
-    Image.fromarray(np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)).save(path)
-    paths.append(str(path))
-  return paths
-
-
 def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str | None = None,
                         selector_dir: str | None = None, data: str = PHANTOM,
                         data_dir: str | None = None, prompts: Sequence[str] | None = None,
@@ -393,10 +389,20 @@ def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str
                      f"{config['samples_per_prompt']}, {num_heldout}")
   if prompts is not None and not prompts:
     raise ValueError("an empty prompt list: nothing to generate")
+  if config["num_steps"] < 1 or not np.isfinite(config["guidance_scale"]):
+    raise ValueError("num_steps must be >= 1 and guidance_scale finite; got "
+                     f"{config['num_steps']} and {config['guidance_scale']}")
+  from fundax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fundax import sampling  # pylint: disable=g-import-not-at-top
+  for name, path in (("evaluator_dir", evaluator_dir), ("selector_dir", selector_dir)):
+    if path is not None and not os.path.isdir(path):
+      raise FileNotFoundError(f"{name} {path} is not a directory")
+  ldm_config = checkpoint.load_config(checkpoint_dir)
+  sampling.check_ldm_config(ldm_config, checkpoint_dir)
+  job_data = ldm_config.get("job", {}).get("data", {})
+  pipeline = sampling.load_pipeline(checkpoint_dir)  # a damaged checkpoint fails before any work
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  from fundax import checkpoint  # pylint: disable=g-import-not-at-top
-  job_data = checkpoint.load_config(checkpoint_dir).get("job", {}).get("data", {})
   num_labelled = max(num_heldout, 0 if prompts else num_prompts)
   if data == PHANTOM:
     resolution = int(job_data.get("resolution", 128))
@@ -415,10 +421,10 @@ def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str
     from fundax.eval import evaluator_train  # pylint: disable=g-import-not-at-top
     log.warning("no evaluator given: training the tiny one (a smoke test; its grades are weak)")
     evaluator_dir = evaluator_train.train_evaluator(
-        configlib.load_config("configs/evaluator.py:tiny"), str(out / "evaluator_run"))[
+        configlib.load_config("evaluator:tiny"), str(out / "evaluator_run"))[
             "evaluator_dir"]
-  images, repeated = generate_from_checkpoint(checkpoint_dir, prompts, config)
-  samples = write_samples(images, out / "samples")
+  images, repeated = generate_from_checkpoint(pipeline, prompts, config)
+  samples = images_lib.save_pngs(images, out / "samples")
   scores = None
   if selector_dir is not None:
     from fundax.selector import score  # pylint: disable=g-import-not-at-top

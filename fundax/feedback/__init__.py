@@ -1,8 +1,9 @@
 """Human (and simulated) feedback on generated candidates: the rating store, app and exports.
 
 Modules: store (database schema, migrations, idempotent writes), importer (run manifests ->
-candidates), app and pages (the web app), agreement (inter-rater statistics), simulate
-(simulated raters from phantom truth), export (the Selector training set, JSONL).
+candidates), app and pages (the web app, which needs the `web` extra), agreement (inter-rater
+statistics), simulate (simulated raters from phantom truth), export (the Selector training set,
+JSONL).
 
 What the `fundax feedback ...` subcommands call (each takes a SQLite path or SQLAlchemy URL):
     import RUN_DIR    importer.import_run(run_dir, db, media=None) -> new candidates

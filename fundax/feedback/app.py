@@ -18,7 +18,9 @@ Routes (the OpenAPI spec at /openapi.json lists the JSON ones with their schemas
   GET  /api/admin/raters|progress|agreement|export;  POST /api/admin/raters
 
 Images are served only if they are registered candidates under the media root, with a
-SYNTHETIC stamp burnt in. Request bodies over `max_body` bytes are refused with 413.
+SYNTHETIC stamp burnt in. Request bodies over `max_body` bytes are refused with 413. A body
+that does not validate (a missing field, a value out of range, a non-finite number such as
+NaN, Infinity or 1e400) is refused with 422 and a JSON detail naming the field.
 """
 
 from __future__ import annotations
@@ -27,15 +29,25 @@ import functools
 import io
 import json
 import logging
+import math
 import urllib.parse
 from typing import Annotated, Literal
 
-import fastapi
-import uvicorn
-from fastapi import responses
-from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
+from PIL import Image, ImageDraw
 
+try:
+  import fastapi
+  import python_multipart  # pylint: disable=unused-import  # fastapi's form parsing (login)
+  import uvicorn
+  from fastapi import encoders
+  from fastapi import exceptions
+  from fastapi import responses
+  from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
+except ImportError as e:
+  raise ImportError(f"the feedback web app needs fastapi, uvicorn and python-multipart ({e}): "
+                    'pip install "fundax[web]"') from e
+
+from fundax import images as images_lib
 from fundax.feedback import agreement
 from fundax.feedback import export
 from fundax.feedback import importer
@@ -70,7 +82,7 @@ class RaterIn(BaseModel):
   model_config = ConfigDict(extra="forbid")
   name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
   is_admin: StrictBool = False
-  weight: Annotated[float, Field(gt=0, le=100)] = 1.0
+  weight: Annotated[float, Field(gt=0, le=store_lib.MAX_WEIGHT, allow_inf_nan=False)] = 1.0
 
 
 class BodyLimit:
@@ -142,11 +154,8 @@ Admin = Annotated[store_lib.Rater, fastapi.Depends(_admin)]
 def _stamped_png(path: str, mtime: float) -> bytes:  # mtime: a changed file is re-stamped
   del mtime
   image = Image.open(path).convert("RGB")
-  draw = ImageDraw.Draw(image)
-  font = ImageFont.load_default(size=max(10, image.width // 12))
-  box = draw.textbbox((4, 4), "SYNTHETIC", font=font)
-  draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(170, 0, 0))
-  draw.text((4, 4), "SYNTHETIC", fill="white", font=font)
+  images_lib.stamp_synthetic(ImageDraw.Draw(image), (4, 4),
+                             images_lib.font(max(10, image.width // 12)), pad=3)
   buf = io.BytesIO()
   image.save(buf, format="PNG")
   return buf.getvalue()
@@ -169,6 +178,12 @@ def create_app(store: store_lib.DB, *, max_body: int = MAX_BODY,
   app = fastapi.FastAPI(title="fundax feedback", version="1")
   app.add_middleware(BodyLimit, max_bytes=max_body)
   app.state.store = store
+
+  @app.exception_handler(exceptions.RequestValidationError)
+  def _invalid(_, err):
+    # FastAPI's own handler echoes the input, which cannot be serialised when it is NaN/inf.
+    return responses.JSONResponse({"detail": _json_safe(encoders.jsonable_encoder(err.errors()))},
+                                  status_code=422)
 
   @app.exception_handler(store_lib.StoreError)
   def _store_error(_, err):
@@ -322,6 +337,17 @@ def _agreement(store: store_lib.Store) -> dict:
                           for r in store.ratings())
 
 
+def _json_safe(value):
+  """`value` with its non-finite floats as strings ("nan", "inf"): valid JSON."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
 def _jsonable(row: dict) -> dict:
   return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
@@ -333,9 +359,14 @@ def serve(db: store_lib.DB, *, host: str = "127.0.0.1", port: int = 8000,
   Args:
     db: SQLite file path or SQLAlchemy URL.
     host: interface to listen on; keep 127.0.0.1 unless behind an HTTPS proxy.
-    port: TCP port.
+    port: TCP port, 1-65535.
     secure_cookie: HTTPS-only login cookie (when served behind an HTTPS proxy).
+
+  Raises:
+    ValueError: a port outside 1-65535 (which the socket layer would wrap onto another port).
   """
+  if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    raise ValueError(f"port must be an integer in 1-65535, got {port!r}")
   store = store_lib.as_store(db)
   if not any(r.is_admin for r in store.list_raters()):
     _log.warning("no admin rater yet: create one with fundax.feedback.app.create_rater(db, name, "

@@ -57,7 +57,8 @@ def read_manifest(run_dir: str | pathlib.Path) -> list[dict]:
     string or None).
 
   Raises:
-    ValueError: naming the line, for bad JSON, a missing field or a missing image.
+    ValueError: naming the line, for bad JSON, a missing field, or a missing or undecodable
+      image.
   """
   run_dir = pathlib.Path(run_dir)
   path = run_dir / MANIFEST
@@ -82,6 +83,11 @@ def read_manifest(run_dir: str | pathlib.Path) -> list[dict]:
       raise ValueError(f"{path}:{n}: image {d['image']!r} is not a file inside {run_dir}")
     if image.suffix.lower() != ".png":
       raise ValueError(f"{path}:{n}: image {d['image']!r} is not a PNG")
+    try:
+      with Image.open(image) as im:
+        im.load()  # the web app serves it later: an undecodable file fails here, named
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+      raise ValueError(f"{path}:{n}: image {d['image']!r} cannot be decoded ({err})") from None
     labels = d.get("labels")
     if labels is not None:
       labels = labels_lib.FundusLabels.from_dict(labels).to_json()  # validates

@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -40,6 +41,7 @@ from fundax.feedback.schema import candidates, meta, pairwise, raters, ratings, 
 # pylint: enable=g-importing-member
 
 _RETRIES = 8  # attempts for a write that finds the database busy
+MAX_WEIGHT = 100.0  # a rater's largest weight in Selector training
 _MIGRATION_LOCK = 0x66756E64  # PostgreSQL advisory lock id held while migrating ("fund")
 _log = logging.getLogger(__name__)
 
@@ -83,8 +85,17 @@ def make_engine(db: str) -> sa.Engine:
   Returns:
     The engine. SQLite connections use WAL, a 30 s busy timeout, enforced foreign keys and
     BEGIN IMMEDIATE transactions.
+
+  Raises:
+    StoreError: a SQLite path that is a directory or lies in a missing folder.
   """
   if "://" not in db:
+    # SQLite creates the file but not its folder, and names neither when it cannot.
+    folder = os.path.dirname(os.path.abspath(db))
+    if os.path.isdir(db):
+      raise StoreError(f"database path {db} is a directory; give a file name")
+    if not os.path.isdir(folder):
+      raise StoreError(f"the folder of the database {db} does not exist: create {folder} first")
     db = f"sqlite:///{db}"
   url = sa.make_url(db)
   if url.get_backend_name() != "sqlite":
@@ -125,10 +136,17 @@ class Store:
     Args:
       db: SQLite file path or SQLAlchemy URL.
       migrations: the schema steps to apply (tests pass extra ones).
+
+    Raises:
+      StoreError: naming the database: its folder is missing, it is a directory or not a
+        database, or it cannot be opened.
     """
     self.url = db
     self.engine = make_engine(db)
-    self.version = self._migrate(migrations)
+    try:
+      self.version = self._migrate(migrations)
+    except sa.exc.DBAPIError as e:  # not a database, no permission, server down
+      raise StoreError(f"cannot open the rating database {db}: {e.orig}") from e
 
   def _migrate(self, migrations) -> int:
     def run(conn):
@@ -201,6 +219,10 @@ class Store:
     name = name.strip()
     if not 1 <= len(name) <= 100:
       raise StoreError("rater name must have 1-100 characters")
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+        or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT):
+      raise StoreError(f"rater weight must be a finite number in (0, {MAX_WEIGHT}], got "
+                       f"{weight!r}")
     token = secrets.token_urlsafe(32)
     def run(conn):
       if conn.execute(sa.select(raters.c.id).where(raters.c.name == name)).first():

@@ -36,18 +36,20 @@ def convert(kind: str, src: str | os.PathLike, dst: str | os.PathLike,
     A summary: kind, source, destination and parameter count.
   """
   src, dst = os.fspath(src), os.fspath(dst)
+  files = {}  # copied into dst beside the weights
   if kind == "bert":
     # Imported here: the tokenizer module pulls in transformers, only needed for text.
     from fundax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     config, params = hf_bert.load_hf_bert(src)
     params = {"bert": params}  # the TextEncoder layout, without a projection
     model_config = {"bert": config.to_hf(), "projection_dim": None}
-    has_vocab = any(os.path.isfile(os.path.join(src, f)) for f in ("vocab.txt", "tokenizer.json"))
-    if not has_vocab:
-      log.warning("%s has no vocab.txt or tokenizer.json: the converted text encoder records no "
+    # The vocabulary travels with the weights: the converted directory outlives `src`.
+    bundle = tokenizer_lib.bundle_tokenizer(src)
+    if bundle is None:
+      log.warning("%s has no vocab.txt or tokenizer.json: the converted text encoder carries no "
                   "tokenizer, and sampling will need one named explicitly", src)
-    extra = {"source": src,
-             "tokenizer": tokenizer_lib.tokenizer_reference(src) if has_vocab else None}
+    reference, files = bundle or (None, {})
+    extra = {"source": src, "tokenizer": reference}
   elif kind == "vae":
     config, params = diffusers.import_vae(src)
     model_config, extra = config.to_diffusers(), {"source": src}
@@ -56,7 +58,8 @@ def convert(kind: str, src: str | os.PathLike, dst: str | os.PathLike,
     model_config, extra = config.to_diffusers(), {"source": src}
   else:
     raise ValueError(f"convert: kind must be one of {CONVERTIBLE}, got {kind!r}")
-  params_io.save_params(dst, params, model_config, kind, extra=extra, overwrite=overwrite)
+  params_io.save_params(dst, params, model_config, kind, extra=extra, files=files,
+                        overwrite=overwrite)
   count = sum(int(v.size) for v in params_io.flatten_params(params).values())
   return {"kind": kind, "source": src, "destination": dst, "parameters": count}
 

@@ -8,6 +8,8 @@ that the directory describes itself:
 directory/
   config.json   {"kind": "bert" | "vae" | "unet", "config": {...}, ...extra}
   params/       Orbax checkpoint of the nested-dict parameter tree
+  checksums.json  SHA-256 of every file of params/, checked on every load (fundax.checksums)
+  ...           files the model needs besides its weights (a text encoder's tokenizer/)
 ```
 
 It also owns `check_params_match`, the one place that compares a converted tree with the tree
@@ -19,12 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fundax import checksums
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,7 @@ def save_params(directory: str | os.PathLike,
                 kind: str,
                 extra: dict | None = None,
                 *,
+                files: Mapping[str, str | os.PathLike] | None = None,
                 overwrite: bool = False) -> None:
   """Writes `params` as an Orbax checkpoint plus `config.json` into `directory`.
 
@@ -132,6 +138,8 @@ def save_params(directory: str | os.PathLike,
     kind: one of "bert", "vae", "unet".
     extra: more JSON-serialisable top-level entries for config.json (e.g. the tokenizer
       reference); may not use the keys "kind" or "config".
+    files: files the directory carries besides the weights, {path inside the directory: source
+      file} (e.g. a tokenizer's vocabulary), so the directory works once the source is gone.
     overwrite: replace an existing params checkpoint instead of failing.
 
   Raises:
@@ -160,6 +168,12 @@ def save_params(directory: str | os.PathLike,
   tree = unflatten_params(flatten_params(params))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_path, tree, force=overwrite)
+  if jax.process_index() == 0:
+    checksums.record(directory, (PARAMS_DIR,))
+  for name, source in (files or {}).items():
+    target = os.path.join(directory, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(source, target)
   # config.json goes last: its presence marks a complete directory.
   with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
     f.write(meta_text + "\n")
@@ -220,6 +234,13 @@ def load_params(directory: str | os.PathLike,
   params_path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
   if not os.path.isdir(params_path):
     raise FileNotFoundError(f"missing params checkpoint in params directory: {params_path}")
+  try:
+    verified = checksums.verify(directory, (PARAMS_DIR,))
+  except checksums.DamagedError as e:
+    raise ValueError(f"params directory {directory} is damaged: {e}") from e
+  if not verified:
+    log.warning("params directory %s has no checksums (written before fundax recorded them): "
+                "read unverified", directory)
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(params_path).item_metadata.tree
     if target is None:

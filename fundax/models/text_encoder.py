@@ -204,6 +204,16 @@ def _minilm_dir() -> str | None:
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+def _anchored(tokenizer: Any, directory: str) -> Any:
+  """A params directory's tokenizer reference, with the path of the vocabulary it carries
+  (relative: `fundax convert bert`) made absolute, so the reference works from anywhere."""
+  if isinstance(tokenizer, dict) and not os.path.isabs(tokenizer.get("path", "/")):
+    carried = os.path.join(os.path.abspath(directory), tokenizer["path"])
+    if os.path.exists(carried):  # else a hub id ("org/name")
+      return {**tokenizer, "path": carried}
+  return tokenizer
+
+
 def _with_projection(encoder: TextEncoder, bert_params: Any, rng: jax.Array) -> Any:
   params = {"bert": bert_params}
   if encoder.has_projection:
@@ -235,8 +245,8 @@ def load_text_encoder(spec: str | os.PathLike | None = DEFAULT_SPEC,
   Returns:
     `(encoder, params, tokenizer)`: params are `{"bert": ..., ["projection": ...]}`;
     tokenizer is the directory holding vocab.txt / tokenizer.json, the reference stored in a
-    fundax params directory, or None for the random fallback (which has the uncased BERT
-    vocabulary size).
+    fundax params directory (a vocabulary it carries named by absolute path), or None for the
+    random fallback (which has the uncased BERT vocabulary size).
 
   Raises:
     FileNotFoundError: a path-like spec that does not exist, or a directory without the
@@ -280,7 +290,7 @@ def load_text_encoder(spec: str | os.PathLike | None = DEFAULT_SPEC,
       expected = jax.eval_shape(encoder.init, rng, jnp.zeros((1, 2), jnp.int32))["params"]
       params_io.check_params_match(expected, params, what=f"text encoder params in {spec}")
       params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-      return encoder, params, meta.get("tokenizer")
+      return encoder, params, _anchored(meta.get("tokenizer"), spec)
 
   config, bert_params = hf_bert.load_hf_bert(spec, param_dtype)
   encoder = TextEncoder(config, projection_dim, dtype=dtype, param_dtype=param_dtype)

@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
   Args:
     config: a configs/rlhf.py config.
     workdir: output directory (one sub-directory per arm).
-    reward_fn: the shared reward (default: the Selector of `selector_checkpoint`).
+    reward_fn: the shared reward (default: the one `config.reward` names, built once).
     heldout_fn: the shared held-out evaluation (default: the independent evaluator).
 
   Returns:
@@ -104,8 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if reward_fn is None:
-    reward_fn = reward_lib.load_selector_reward(config.selector_checkpoint, 0,
-                                                config.reward_batch_size)
+    reward_fn = reward_lib.make_reward(config)
   if heldout_fn is None:
     models = sampling.load_pipeline(config.ldm_checkpoint).models
     resolution = models.latent_shape[0] * models.vae.config.downsample_factor

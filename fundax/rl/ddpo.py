@@ -1,7 +1,8 @@
 """Stage 1: the DDPO policy-gradient update with PPO clipping and a KL penalty to the reference.
 
-The policy is the guided DDIM sampler; a trajectory's action at step i is latents[i + 1] given
-latents[i], with the exact Gaussian log-prob of `fundax.diffusion.steps`. One update
+The policy is the guided sampler of the rollouts (DDIM by default; any registered
+`GaussianSampler`); a trajectory's action at step i is latents[i + 1] given latents[i], with
+the sampler's exact Gaussian log-prob (`fundax.diffusion.steps`). One update
 (`ddpo_update_step`):
 
   1. draws, per trajectory, a random subset of its stochastic steps (`fold_in(rng, step)`, so a
@@ -39,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fundax import sampling
 from fundax.diffusion import steps
+from fundax.models import ldm as ldm_lib
 from fundax.rl import rollout as rollout_lib
 from fundax.train import state as state_lib
 
@@ -99,8 +100,9 @@ def micro_batch(tree: Any, part, parts: int, axis: int = 0) -> Any:
 
 
 def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.Array,
-                     frozen: dict[str, Any], *, models: sampling.Models,
-                     tx: optax.GradientTransformation, config: Any, stochastic):
+                     frozen: dict[str, Any], *, models: ldm_lib.Models,
+                     tx: optax.GradientTransformation, config: Any, sampler: str,
+                     stochastic):
   """One DDPO optimizer update from a batch of rollouts (pure; jit it once).
 
   Args:
@@ -113,6 +115,7 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
     models: the static models.
     tx: the optimizer.
     config: stage-1 config (see the module docstring).
+    sampler: the rollouts' registered sampler (with exact log-probs).
     stochastic: host int array of the trainable step indices (`rollout.stochastic_steps`).
 
   Returns:
@@ -149,7 +152,7 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
     t_prev = batch["prev_timesteps"][idx]
     moments = lambda p: rollout_lib.step_moments(models, p, x_t, t, t_prev, ex["cond"],
                                                  ex["uncond"], batch["guidance_scale"],
-                                                 batch["eta"])
+                                                 batch["eta"], sampler=sampler)
     if kl_weight > 0:
       ref_mean, _ = moments(frozen["reference"])
       ref_mean = jax.lax.stop_gradient(ref_mean)

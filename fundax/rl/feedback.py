@@ -30,12 +30,12 @@ from PIL import Image
 from scipy import ndimage
 
 from fundax import checkpoint
+from fundax import images as images_lib
 from fundax.data import caption_parser
 from fundax.eval import anatomy_checks
 from fundax.feedback import export
 from fundax.feedback import importer
 from fundax.feedback import simulate
-from fundax.rl import reward as reward_lib
 from fundax.selector import train as selector_train
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def push_candidates(run_dir: str | pathlib.Path, db: str, images, prompts: Seque
   """
   run_dir = pathlib.Path(run_dir)
   (run_dir / "images").mkdir(parents=True, exist_ok=True)
-  pixels = reward_lib.to_uint8(images)
+  pixels = images_lib.to_uint8(images)
   lines = []
   for i, (image, prompt) in enumerate(zip(pixels, prompts)):
     name = f"images/c{i:04d}.png"

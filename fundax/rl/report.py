@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 from PIL import Image  # pylint: disable=wrong-import-position
 
-from fundax.data import preview  # pylint: disable=wrong-import-position
+from fundax import images as images_lib  # pylint: disable=wrong-import-position
 from fundax.eval import report as eval_report  # pylint: disable=wrong-import-position
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,6 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | pathlib.Path, 
   return str(path)
 
 
-def write_grid(path: str | pathlib.Path, images, prompts: Sequence[str], title: str) -> str:
-  """A SYNTHETIC-stamped PNG grid of generated images with their prompts."""
-  grid = preview.make_grid(list(images), list(prompts), synthetic=True, columns=4, tile=128,
-                           title=title)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  grid.save(path)
-  return str(path)
-
-
 def write_report(out_dir: str | pathlib.Path, summary: Mapping[str, Any], *,
                  before: tuple[Any, Sequence[str]], after: tuple[Any, Sequence[str]]
                  ) -> dict[str, str]:
@@ -118,10 +108,12 @@ def write_report(out_dir: str | pathlib.Path, summary: Mapping[str, Any], *,
       "curves": plot_curves(history, out / "curves.png", title="Selector reward vs held-out"),
       "curves_queries": plot_curves(history, out / "curves_queries.png", x="queries",
                                     title="vs cumulative Selector queries"),
-      "grid_before": write_grid(out / "grid_before.png", *before,
-                                title="SYNTHETIC: held-out prompts before RLHF (round 0)"),
-      "grid_after": write_grid(out / "grid_after.png", *after,
-                               title=f"SYNTHETIC: held-out prompts at the kept round {best}"),
+      "grid_before": images_lib.save_grid(
+          out / "grid_before.png", *before, synthetic=True, columns=4, tile=128,
+          title="SYNTHETIC: held-out prompts before RLHF (round 0)"),
+      "grid_after": images_lib.save_grid(
+          out / "grid_after.png", *after, synthetic=True, columns=4, tile=128,
+          title=f"SYNTHETIC: held-out prompts at the kept round {best}"),
   }
   json_path = out / "report.json"
   json_path.write_text(json.dumps({**summary, "files": paths}, indent=2, default=float))

@@ -1,13 +1,23 @@
-"""Rewards of generated images: the Selector's score (what stage 1 and 2 optimise) and a toy.
+"""Rewards of generated images, chosen by name: the Selector's score (the default), the
+independent evaluator's consistency, a toy, and any reward a user registers.
 
-`SelectorReward` scores images exactly as `fundax score` scores their PNG files: float images
-are quantised to uint8, resized to the Selector's resolution, and passed with the pooled
-prompt embeddings of the Selector's own text encoder through `score.make_predict`. It also
-carries the Selector's learned acceptance threshold and a version number (the loop retrains
-the Selector on new ratings between rounds). Every scored image is one reward query.
+A reward is any callable `(images [N, H, W, 3] float in [-1, 1], prompts) -> [N] scores`. The
+RLHF config names one (`reward` in configs/rlhf.py) and `make_reward(config)` builds it with
+the factory registered under that name. A user's reward is one decorated function in any
+module imported before the run:
 
-A reward is any callable `(images [N, H, W, 3] float in [-1, 1], prompts) -> [N] scores`; the
-toy `mean_brightness` lets tests check that the policy update climbs a reward it can reach.
+    @reward.register_reward("sharpness")
+    def make_sharpness(config):  # the RLHF config, for paths and settings
+      return lambda images, prompts: laplacian_variance(images)
+
+Built in: "selector" (`SelectorReward`: scores images exactly as `fundax score` scores their
+PNG files: float images are quantised to uint8, resized to the Selector's resolution, and
+passed with the pooled prompt embeddings of the Selector's own text encoder through
+`score.make_predict`; it carries the Selector's learned acceptance threshold and a version
+number, as the loop retrains the Selector on new ratings between rounds), "evaluator"
+(`EvaluatorReward`: the fraction of each prompt's stated attributes the independent evaluator
+confirms) and "mean_brightness" (a toy that lets tests check that the policy update climbs a
+reward it can reach). Every scored image is one reward query.
 """
 
 from __future__ import annotations
@@ -21,8 +31,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from fundax import images as images_lib
 from fundax import parallel
 from fundax.data import pipeline
+from fundax.eval import consistency as consistency_lib
+from fundax.eval import evaluator as evaluator_lib
 from fundax.selector import score as score_lib
 from fundax.selector import text as text_lib
 
@@ -30,17 +43,50 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
+_REWARDS: dict[str, Callable[[Any], RewardFn]] = {}
+
+
+def register_reward(name: str):
+  """A decorator that registers `make(config) -> RewardFn` as the reward named `name`.
+
+  Args:
+    name: what an RLHF config's `reward` field names it by.
+
+  Returns:
+    The decorator; it returns the factory unchanged.
+
+  Raises:
+    ValueError: `name` is taken.
+  """
+  def decorate(make: Callable[[Any], RewardFn]) -> Callable[[Any], RewardFn]:
+    if name in _REWARDS:
+      raise ValueError(f"a reward named {name!r} is already registered")
+    _REWARDS[name] = make
+    return make
+  return decorate
+
+
+def reward_names() -> tuple[str, ...]:
+  """The registered rewards' names."""
+  return tuple(_REWARDS)
+
+
+def make_reward(config) -> RewardFn:
+  """The reward an RLHF config names (`config.reward`), built from the config.
+
+  Raises:
+    ValueError: the name is not registered (naming those that are).
+  """
+  if config.reward not in _REWARDS:
+    raise ValueError(f"reward must be one of {reward_names()}, got {config.reward!r} (rewards "
+                     "register with fundax.rl.reward.register_reward)")
+  return _REWARDS[config.reward](config)
+
 
 def mean_brightness(images, prompts: Sequence[str]) -> np.ndarray:
   """Toy reward: the mean pixel value of each image, in [-1, 1]."""
   del prompts
   return np.asarray(images, np.float32).mean(axis=(1, 2, 3))
-
-
-def to_uint8(images) -> np.ndarray:
-  """Float images in [-1, 1] -> uint8 [0, 255] (round to nearest), as a PNG would hold them."""
-  images = np.asarray(images, np.float32)
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass
@@ -79,7 +125,7 @@ class SelectorReward:
 
   def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
     """Scores in [0, 1] of float images in [-1, 1] for their prompts."""
-    pixels = to_uint8(images)
+    pixels = images_lib.to_uint8(images)
     pixels = np.stack([pipeline.resize(im, self.resolution) for im in pixels])
     text, has_text = self.prompt_text(list(prompts))
     return self.predict(self.params, pixels, text, has_text)["score"].astype(np.float32)
@@ -110,3 +156,39 @@ def load_selector_reward(path: str | os.PathLike, version: int = 0,
                         resolution=int(meta["job"]["resolution"]),
                         predict=score_lib.make_predict(model, mesh, batch_size),
                         params=jax.device_get(params), embed=embed, text_dim=model.text_dim)
+
+
+@dataclasses.dataclass
+class EvaluatorReward:
+  """The independent evaluator as a reward: per image, the fraction of its prompt's stated
+  attributes (those the evaluator reads at this resolution) that it confirms; 0 where the
+  prompt states none.
+
+  Attributes:
+    evaluator: a loaded `fundax.eval.evaluator.Evaluator`.
+  """
+  evaluator: evaluator_lib.Evaluator
+
+  def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
+    predictions = self.evaluator.predict(np.asarray(images, np.float32))
+    agree = consistency_lib.consistency(list(prompts), predictions,
+                                        scored=self.evaluator.readable)
+    return np.nan_to_num(np.asarray(agree["per_image_fraction"], np.float32), nan=0.0)
+
+
+@register_reward("selector")
+def _selector_reward(config) -> SelectorReward:
+  return load_selector_reward(config.selector_checkpoint, 0, config.reward_batch_size)
+
+
+@register_reward("evaluator")
+def _evaluator_reward(config) -> EvaluatorReward:
+  log.warning("reward 'evaluator': the guard's judge is also the reward, so the held-out "
+              "consistency no longer measures reward hacking independently")
+  return EvaluatorReward(evaluator_lib.load_evaluator(config.evaluator_checkpoint))
+
+
+@register_reward("mean_brightness")
+def _mean_brightness_reward(config) -> RewardFn:
+  del config
+  return mean_brightness

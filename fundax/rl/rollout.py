@@ -1,11 +1,12 @@
 """Rollouts: K candidates per prompt with their whole trajectory and exact per-step log-probs.
 
-This module owns the sampling side of the policy: `rollout` runs text encoding, the DDIM
-reverse process with stochasticity eta > 0 as one `lax.scan` (`fundax.diffusion.sample_loop`
-with `return_trajectory`) and VAE decoding, all in one jit, and keeps what the DDPO update
-needs to score the same steps again: the latents before and after every step, each step's
-log-prob, the timesteps and the conditioning. Key handling matches `fundax.sampling.generate`,
-so a rollout's images equal `generate`'s for the same key, guidance and eta.
+This module owns the sampling side of the policy: `rollout` is `fundax.sampling.generate` with
+the trajectory kept (`sampling.conditioning` and `sampling.sample_conditioned` with
+`return_trajectory`, in one jit), for any registered sampler with exact log-probs
+(`fundax.diffusion.registry`; `rollout.sampler` of configs/rlhf.py, DDIM by default, with
+stochasticity eta > 0). It keeps what the DDPO update needs to score the same steps again: the
+latents before and after every step, each step's log-prob, the timesteps and the conditioning.
+A rollout's images equal `generate`'s for the same key, sampler, guidance and eta.
 
 `guided_output` is classifier-free guidance with a timestep per example (the update scores a
 different step of each trajectory in one UNet call); with equal timesteps it is the same
@@ -14,7 +15,6 @@ computation as the sampler's, which is what makes the update's first importance 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fundax import sampling
+from fundax.diffusion import registry
 from fundax.diffusion import samplers
-from fundax.diffusion import steps
+from fundax.models import ldm as ldm_lib
 
 
 class Rollout(NamedTuple):
@@ -47,18 +48,9 @@ class Rollout(NamedTuple):
   uncond: Any
 
 
-def conditioning(models: sampling.Models, text_params, input_ids, attention_mask):
-  """(cond, uncond) token states and masks for classifier-free guidance, batch-first."""
-  states = sampling.encode_text(models, text_params, input_ids, attention_mask)
-  empty_states, empty_mask = sampling.empty_text(models, text_params, input_ids.shape[1])
-  uncond = (jnp.broadcast_to(empty_states, states.shape).astype(states.dtype),
-            jnp.broadcast_to(empty_mask, attention_mask.shape).astype(attention_mask.dtype))
-  return (states, attention_mask), uncond
-
-
 def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale, eta,
-            mirror=None, *, models: sampling.Models, num_steps: int) -> Rollout:
-  """Samples trajectories with DDIM (eta > 0 makes every step but the last stochastic).
+            mirror=None, *, models: ldm_lib.Models, sampler: str, num_steps: int) -> Rollout:
+  """Samples trajectories with a sampler that scores its own steps.
 
   Args:
     unet_params: the policy's UNet params.
@@ -67,46 +59,48 @@ def rollout(unet_params, frozen, input_ids, attention_mask, key, guidance_scale,
     attention_mask: int [B, L].
     key: PRNG key; the initial noise and every step's noise derive from it as in `generate`.
     guidance_scale: classifier-free guidance weight (traced).
-    eta: DDIM stochasticity (traced); the log-probs are 0 where it makes a step deterministic.
+    eta: DDIM stochasticity (traced); the log-probs are 0 where a step is deterministic.
     mirror: optional bool [B]: images to flip after decoding (a model with a canonical eye;
       see `sampling.eye_mirror`). The trajectory stays in the canonical orientation.
     models: the static models.
-    num_steps: DDIM steps T (static).
+    sampler: a registered sampler with exact log-probs (static).
+    num_steps: its steps T (static).
 
   Returns:
     The `Rollout`.
   """
-  rng_noise, rng_sampler = jax.random.split(key)
-  cond, uncond = conditioning(models, frozen["text"], input_ids, attention_mask)
-  x_T = jax.random.normal(rng_noise, (input_ids.shape[0],) + models.latent_shape, jnp.float32)
-  x_0, trajectory = samplers.sample_loop(
-      functools.partial(sampling.denoise, models, unet_params), models.schedule, x_T, cond,
-      uncond, rng_sampler, sampler="ddim", num_steps=num_steps, guidance_scale=guidance_scale,
-      eta=eta, prediction_type=models.prediction_type, return_trajectory=True,
-      **models.timestep_options)
-  images = sampling.decode_latents(models, frozen["vae"], x_0)
-  if mirror is not None:
-    images = sampling.mirror_images(images, mirror)
+  registry.get_sampler(sampler, need_log_probs=True)
+  cond, uncond = sampling.conditioning(models, frozen["text"], input_ids, attention_mask)
+  images, _, trajectory = sampling.sample_conditioned(
+      {"unet": unet_params, "vae": frozen["vae"]}, models, cond, uncond, key, sampler=sampler,
+      num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, mirror=mirror,
+      return_trajectory=True)
   return Rollout(trajectory.latents, trajectory.log_probs, trajectory.timesteps,
                  trajectory.prev_timesteps, images, cond, uncond)
 
 
-def stochastic_steps(models: sampling.Models, num_steps: int) -> np.ndarray:
-  """Indices of the DDIM steps that have a density (std > 0 for eta > 0), on the host.
+def stochastic_steps(models: ldm_lib.Models, sampler: str, num_steps: int) -> np.ndarray:
+  """Indices of the sampler's steps that have a density (std > 0 at eta 1), on the host.
 
-  The last step is deterministic when it steps to alpha-bar 1 (`set_alpha_to_one`); its
-  log-prob is 0 and it carries no policy gradient, so the update never samples it.
+  A step that lands deterministically (the last DDPM step; the last DDIM step when it steps to
+  alpha-bar 1, `set_alpha_to_one`) has log-prob 0 and carries no policy gradient, so the
+  update never samples it.
   """
-  _, prev = samplers.make_timesteps("ddim", num_steps, models.schedule.num_train_timesteps,
-                                    **models.timestep_options)
-  final = float(models.schedule.final_alpha_cumprod)
-  keep = [i for i, p in enumerate(prev) if p >= 0 or final < 1.0]
-  if not keep:
-    raise ValueError(f"DDIM with {num_steps} steps has no stochastic step to train on")
-  return np.asarray(keep, np.int32)
+  chosen = registry.get_sampler(sampler, need_log_probs=True)
+  ts, prev = samplers.make_timesteps(sampler, num_steps, models.schedule.num_train_timesteps,
+                                     **models.timestep_options)
+  with jax.ensure_compile_time_eval():
+    zeros = jnp.zeros((num_steps, 1), jnp.float32)
+    _, std = chosen.moments(models.schedule, zeros, jnp.asarray(ts), jnp.asarray(prev), zeros,
+                            1.0, models.prediction_type)
+  std = np.broadcast_to(np.asarray(std), (num_steps, 1))[:, 0]
+  keep = np.flatnonzero(std > 0).astype(np.int32)
+  if not len(keep):
+    raise ValueError(f"{sampler} with {num_steps} steps has no stochastic step to train on")
+  return keep
 
 
-def guided_output(models: sampling.Models, unet_params, x, t, cond, uncond, guidance_scale):
+def guided_output(models: ldm_lib.Models, unet_params, x, t, cond, uncond, guidance_scale):
   """Classifier-free guided model output with one timestep per example.
 
   Args:
@@ -122,16 +116,15 @@ def guided_output(models: sampling.Models, unet_params, x, t, cond, uncond, guid
   """
   b = x.shape[0]
   both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-  out = sampling.denoise(models, unet_params, jnp.concatenate([x, x], axis=0),
-                         jnp.concatenate([t, t], axis=0).astype(jnp.int32), both)
+  out = ldm_lib.denoise(models, unet_params, jnp.concatenate([x, x], axis=0),
+                        jnp.concatenate([t, t], axis=0).astype(jnp.int32), both)
   out_u, out_c = out[:b], out[b:]
   return out_u + jnp.asarray(guidance_scale, out.dtype) * (out_c - out_u)
 
 
-def step_moments(models: sampling.Models, unet_params, x_t, t, t_prev, cond, uncond,
-                 guidance_scale, eta):
-  """Mean and std of the policy's DDIM step from x_t (per-example t, t_prev [B])."""
+def step_moments(models: ldm_lib.Models, unet_params, x_t, t, t_prev, cond, uncond,
+                 guidance_scale, eta, *, sampler: str):
+  """Mean and std of the policy's step from x_t (per-example t, t_prev [B]) under `sampler`."""
   out = guided_output(models, unet_params, x_t, t, cond, uncond, guidance_scale)
-  mean, std, _ = steps.ddim_moments(models.schedule, out, t, t_prev, x_t, eta,
-                                    models.prediction_type)
-  return mean, std
+  return registry.get_sampler(sampler, need_log_probs=True).moments(
+      models.schedule, out, t, t_prev, x_t, eta, models.prediction_type)

@@ -1,8 +1,9 @@
 """The RLHF loop: `run(config, workdir)` runs N rounds of stage 1 then stage 2, resumably.
 
 One round:
-  stage 1  `stage1.iterations` times: draw P prompts, roll out K candidates each, score them
-           with the Selector, turn rewards into per-prompt advantages, and apply
+  stage 1  `stage1.iterations` times: draw P prompts, roll out K candidates each with
+           `rollout.sampler`, score them with the reward `reward` names (the Selector by
+           default, `fundax.rl.reward`), turn rewards into per-prompt advantages, and apply
            `stage1.inner_epochs` DDPO updates (`fundax.rl.ddpo`);
   stage 2  `stage2.iterations` times: a new batch, scored; candidates at or above the
            Selector's learned threshold are accepted; `stage2.updates` reward-weighted
@@ -48,7 +49,9 @@ from fundax import sampling
 from fundax.data import phantom
 from fundax.data import pipeline as pipeline_lib
 from fundax.data import captions
+from fundax.diffusion import registry
 from fundax.eval import evaluator as evaluator_lib
+from fundax.models import ldm as ldm_lib
 from fundax.rl import advantages as advantages_lib
 from fundax.rl import ddpo
 from fundax.rl import feedback
@@ -74,11 +77,19 @@ def check_config(config: ml_collections.ConfigDict, *, need_selector: bool = Tru
   errors = []
   if not config.ldm_checkpoint:
     errors.append("ldm_checkpoint is empty: give an LDM trainer's workdir or checkpoints dir")
-  if need_selector and not config.selector_checkpoint:
+  if need_selector and config.reward == "selector" and not config.selector_checkpoint:
     errors.append("selector_checkpoint is empty: give a Selector workdir (train_selector)")
+  if need_selector and config.reward not in reward_lib.reward_names():
+    errors.append(f"reward must be one of {reward_lib.reward_names()}, got {config.reward!r}")
+  if config.feedback.retrain_selector and config.reward != "selector":
+    errors.append(f"feedback.retrain_selector retrains the Selector reward, but reward is "
+                  f"{config.reward!r}")
   if need_evaluator and not config.evaluator_checkpoint:
     errors.append("evaluator_checkpoint is empty: give an evaluator params directory")
   r = config.rollout
+  if r.sampler not in registry.log_prob_sampler_names():
+    errors.append(f"rollout.sampler must be a sampler with exact log-probs, one of "
+                  f"{registry.log_prob_sampler_names()}, got {r.sampler!r}")
   if not r.eta > 0:
     errors.append(f"rollout.eta must be > 0 for stochastic steps with log-probs, got {r.eta}")
   if r.num_steps < 2:
@@ -197,7 +208,7 @@ def make_heldout_evaluator(config, resolution: int, training_images) -> guard.He
 
 def _embed_pretrain(pipeline: sampling.Pipeline, texts):
   tok = sampling.tokenize_prompts(pipeline, texts)
-  states = jax.jit(functools.partial(sampling.encode_text, pipeline.models))(
+  states = jax.jit(functools.partial(ldm_lib.encode_text, pipeline.models))(
       pipeline.params["text"], tok["input_ids"], tok["attention_mask"])
   return np.asarray(states), tok["attention_mask"]
 
@@ -210,11 +221,13 @@ def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:
   total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
                                + config.stage2.iterations * config.stage2.updates)
   tx = optim.make_optimizer({**config.optim.to_dict(), "total_steps": max(total, 1)})
-  stochastic = rollout_lib.stochastic_steps(models, config.rollout.num_steps)
-  rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models,
+  sampler = config.rollout.sampler
+  stochastic = rollout_lib.stochastic_steps(models, sampler, config.rollout.num_steps)
+  rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models, sampler=sampler,
                                          num_steps=config.rollout.num_steps))
   ddpo_fn = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
-                                      config=config.stage1, stochastic=stochastic),
+                                      config=config.stage1, sampler=sampler,
+                                      stochastic=stochastic),
                     donate_argnums=(0,))
   rwr_fn = jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
                                      config=config.stage2), donate_argnums=(0,))
@@ -225,8 +238,7 @@ def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:
                                         config.stage2.pretrain_seed, config.seed)
   pretrain_cond = _embed_pretrain(pipeline, texts)
   if reward_fn is None:
-    reward_fn = reward_lib.load_selector_reward(config.selector_checkpoint, 0,
-                                                config.reward_batch_size)
+    reward_fn = reward_lib.make_reward(config)
   if heldout_fn is None:
     heldout_fn = make_heldout_evaluator(config, resolution, pretrain_images)
   keys = jax.random.split(jax.random.key(config.seed), 4)
@@ -340,7 +352,7 @@ def evaluate_round(loop: Loop, params, frozen, round_, extras) -> dict[str, Any]
 
 def _save_best(loop: Loop, params, frozen, round_) -> None:
   """Writes the round's UNet as a self-describing LDM checkpoint in `<workdir>/best`."""
-  manager = checkpoint.make_manager(loop.workdir / BEST_DIR, max_to_keep=1, async_=False)
+  manager = checkpoint.make_manager(loop.workdir / BEST_DIR, max_to_keep=1)
   try:
     if round_ not in manager.all_steps():
       checkpoint.save(manager, round_, {"state": {"params": params}, "frozen": frozen},
@@ -364,8 +376,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
     config: a configs/rlhf.py config (ldm_checkpoint, selector_checkpoint and
       evaluator_checkpoint name the inputs).
     workdir: output directory; rerunning with the same one resumes after the last stage.
-    reward_fn: a reward to use instead of the Selector (tests, ablations); feedback
-      retraining needs the Selector.
+    reward_fn: a reward instead of the one `config.reward` names (tests, ablations);
+      feedback retraining needs the Selector.
     heldout_fn: `(images, prompts) -> metrics` instead of the independent evaluators.
 
   Returns:

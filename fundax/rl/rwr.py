@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fundax import sampling
 from fundax.diffusion import losses
 from fundax.diffusion import schedules
+from fundax.models import ldm as ldm_lib
 from fundax.train import ldm_step
 from fundax.train import state as state_lib
 
@@ -60,7 +60,7 @@ def reward_weights(rewards, accepted, temperature: float) -> np.ndarray:
   return weights.astype(np.float32)
 
 
-def _noised(models: sampling.Models, x0, rng):
+def _noised(models: ldm_lib.Models, x0, rng):
   rng_t, rng_noise = jax.random.split(rng)
   t = jax.random.randint(rng_t, (x0.shape[0],), 0, models.schedule.num_train_timesteps)
   noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
@@ -68,14 +68,14 @@ def _noised(models: sampling.Models, x0, rng):
 
 
 def _denoising_loss(models, unet_params, x0, noise, t, x_t, cond, snr_gamma):
-  out = sampling.denoise(models, unet_params, x_t, t, cond)
+  out = ldm_lib.denoise(models, unet_params, x_t, t, cond)
   return losses.diffusion_loss(models.schedule, out, x0, noise, t,
                                prediction_type=models.prediction_type,
                                snr_gamma=snr_gamma or None)
 
 
 def rwr_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.Array,
-                    frozen: dict[str, Any], *, models: sampling.Models,
+                    frozen: dict[str, Any], *, models: ldm_lib.Models,
                     tx: optax.GradientTransformation, config: Any):
   """One stage-2 optimizer update (pure; jit it once).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,16 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from PIL import Image
 
 from fundax import checkpoint
 from fundax import parallel
 from fundax.data import pipeline
+from fundax.interop import params_io
 from fundax.models import selector as selector_lib
-from fundax.selector import data as data_lib
 from fundax.selector import text as text_lib
-from fundax.train import optim
-from fundax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -96,53 +95,36 @@ def make_model(meta: dict[str, Any]) -> selector_lib.Selector:
                                     param_dtype=jnp.dtype(job["param_dtype"]))
 
 
-def abstract_state(model: selector_lib.Selector, optim_config: Any, resolution: int,
-                   mesh: jax.sharding.Mesh) -> Any:
-  """Shapes, dtypes and shardings of the Selector's train state (the restore target).
-
-  Args:
-    model: the Selector.
-    optim_config: the optimizer config (the optimizer state's structure depends on it).
-    resolution: image side, px.
-    mesh: the device mesh.
-
-  Returns:
-    A pytree of sharded `jax.ShapeDtypeStruct`s.
-  """
-  optimizer = optim.make_optimizer(optim_config)
-
-  def init(rng):
-    return state_lib.create(selector_lib.init_params(model, rng, resolution), optimizer)
-
-  return parallel.abstract_sharded(init, jax.random.key(0), mesh)
-
-
 def load_selector(workdir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None
                   ) -> tuple[selector_lib.Selector, Any, dict[str, Any], float]:
-  """Restores the latest checkpoint of a Selector run.
+  """Restores the latest intact checkpoint of a Selector run (`fundax.checkpoint`'s reader).
 
   Args:
     workdir: the run's workdir (holding `checkpoints/` and `selector_eval.json`).
-    mesh: where to place the params; None: all local devices on a "data" axis.
+    mesh: where to place the params (replicated); None: all local devices on a "data" axis.
 
   Returns:
     `(model, params, meta, threshold)`: meta is the JSON saved with the checkpoint ("job",
     "model", "text_encoder"); threshold comes from the evaluation report.
 
   Raises:
-    FileNotFoundError, checkpoint.CheckpointError: naming the directory.
+    FileNotFoundError, checkpoint.CheckpointError: naming the directory or the damaged steps.
+    ValueError: the checkpoint is not a Selector run's, or its params do not fit its model.
   """
   workdir = os.path.abspath(os.fspath(workdir))
   mesh = parallel.make_mesh({"data": -1}) if mesh is None else mesh
-  meta = checkpoint.load_config(workdir)
+  restored = checkpoint.restore_params(workdir, fields=("params",))
+  meta, params = restored["config"], restored["state"]["params"]
+  missing = [k for k in ("job", "model", "text_encoder") if k not in meta]
+  if missing or params is None:
+    raise ValueError(f"{restored['step_dir']} is not a Selector checkpoint (its config lacks "
+                     f"{missing or 'nothing, but it holds no params'}): give the workdir of "
+                     "`fundax train selector`")
   model = make_model(meta)
-  target = abstract_state(model, meta["job"]["optim"], meta["job"]["resolution"], mesh)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), options=options,
-                             item_names=checkpoint.ITEMS) as manager:
-    if manager.latest_step() is None:
-      raise checkpoint.CheckpointError(f"no Selector checkpoint in {manager.directory}")
-    state, _, _ = checkpoint.restore_or_init(manager, target, init_fn=None)
+  expected = jax.eval_shape(lambda rng: selector_lib.init_params(
+      model, rng, meta["job"]["resolution"]), jax.random.key(0))
+  params_io.check_params_match(expected, params, what=f"params in {restored['step_dir']}")
+  params = jax.device_put(params, parallel.replicated(mesh))
   report_path = os.path.join(workdir, EVAL_FILE)
   if os.path.isfile(report_path):
     with open(report_path, encoding="utf-8") as f:
@@ -151,7 +133,24 @@ def load_selector(workdir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
     log.warning("no %s in %s: using the default threshold %.2f", EVAL_FILE, workdir,
                 DEFAULT_THRESHOLD)
     threshold = DEFAULT_THRESHOLD
-  return model, state.params, meta, threshold
+  return model, params, meta, threshold
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """An image file as uint8 RGB [H, W, 3].
+
+  Raises:
+    FileNotFoundError, ValueError: naming the file when it is missing, empty, not an image or
+      truncated.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"image not found (or not a file): {path}")
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def score_images(checkpoint_dir: str | os.PathLike, image_paths: Sequence[str],
@@ -175,11 +174,14 @@ def score_images(checkpoint_dir: str | os.PathLike, image_paths: Sequence[str],
     raise ValueError(f"got {len(prompts)} prompts for {len(image_paths)} images")
   if not image_paths:
     return []
+  if threshold is not None and not math.isfinite(threshold):
+    raise ValueError(f"threshold must be a finite number, got {threshold}")
+  raw = [read_image(p) for p in image_paths]  # a bad file fails before the model loads
   model, params, meta, learned = load_selector(checkpoint_dir)
   threshold = learned if threshold is None else float(threshold)
   job = meta["job"]
-  images = np.stack([pipeline.resize(data_lib.load_png(os.fspath(p), job["ratings"]["crop_fov"]),
-                                     job["resolution"]) for p in image_paths])
+  crop = pipeline.crop_to_fov if job["ratings"]["crop_fov"] else (lambda image: image)
+  images = np.stack([pipeline.resize(crop(image), job["resolution"]) for image in raw])
   prompts = [None] * len(image_paths) if prompts is None else list(prompts)
   enc = meta["text_encoder"]
   text = np.zeros((len(prompts), model.text_dim), np.float32)

@@ -198,7 +198,7 @@ def build(directory: str | os.PathLike, spec: CacheSpec, source, models, frozen,
     directory: the cache directory (created; replaced when it exists).
     spec: what the cache is built from (see `CacheSpec`).
     source: the split's random-access data source (`datasets.load_from_config`).
-    models: `sampling.Models` (its VAE and text encoder; `text_mask`).
+    models: `fundax.models.ldm.Models` (its VAE and text encoder; `text_mask`).
     frozen: {"vae": VAE params, "text": text-encoder params}.
     tokenizer: the text tokenizer.
 

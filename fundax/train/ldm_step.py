@@ -30,22 +30,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fundax import sampling
 from fundax.diffusion import losses
 from fundax.diffusion import schedules
+from fundax.models import ldm as ldm_lib
 from fundax.models import vae as vae_lib
 from fundax.train import guard
 from fundax.train import state as state_lib
 
 
-def encode_latents(models: sampling.Models, vae_params, images, rng):
+def encode_latents(models: ldm_lib.Models, vae_params, images, rng):
   """Images [B, H, W, 3] in [-1, 1] -> scaled diffusion latents (a posterior sample)."""
   posterior = models.vae.apply({"params": vae_params}, images, method="encode")
   z = posterior.sample(rng).astype(jnp.float32)
   return vae_lib.to_latents(z, models.vae.config)
 
 
-def conditioning(models: sampling.Models, text_params, batch):
+def conditioning(models: ldm_lib.Models, text_params, batch):
   """(token states [B, L, D], attention mask [B, L] int32) from cached embeddings or ids."""
   if "text_embeddings" in batch:
     states = batch["text_embeddings"]
@@ -53,11 +53,11 @@ def conditioning(models: sampling.Models, text_params, batch):
     if mask is None:
       mask = jnp.ones(states.shape[:2], jnp.int32)
     return states, mask
-  states = sampling.encode_text(models, text_params, batch["input_ids"], batch["attention_mask"])
+  states = ldm_lib.encode_text(models, text_params, batch["input_ids"], batch["attention_mask"])
   return states, batch["attention_mask"]
 
 
-def drop_captions(models: sampling.Models, text_params, states, mask, probability: float, rng,
+def drop_captions(models: ldm_lib.Models, text_params, states, mask, probability: float, rng,
                   empty=None):
   """Replaces each example's prompt by the empty prompt with the given probability.
 
@@ -78,14 +78,14 @@ def drop_captions(models: sampling.Models, text_params, states, mask, probabilit
   dropped = jax.random.bernoulli(rng, probability, (batch,))
   if probability <= 0:
     return states, mask, dropped
-  empty_states, empty_mask = (sampling.empty_text(models, text_params, length) if empty is None
-                              else empty)
+  empty_states, empty_mask = (ldm_lib.empty_text(models, text_params, length) if empty is None
+                             else empty)
   states = jnp.where(dropped[:, None, None], empty_states.astype(states.dtype), states)
   mask = jnp.where(dropped[:, None], empty_mask.astype(mask.dtype), mask)
   return states, mask, dropped
 
 
-def _noised_inputs(models: sampling.Models, frozen, batch, rng, caption_dropout: float):
+def _noised_inputs(models: ldm_lib.Models, frozen, batch, rng, caption_dropout: float):
   """Everything the loss needs that does not depend on the trained params."""
   rng_latent, rng_drop, rng_t, rng_noise = jax.random.split(rng, 4)
   if "latents" in batch:
@@ -104,16 +104,16 @@ def _noised_inputs(models: sampling.Models, frozen, batch, rng, caption_dropout:
   return inputs, dropped
 
 
-def _per_example_loss(unet_params, models: sampling.Models, inputs, weights, snr_gamma: float):
-  out = sampling.denoise(models, unet_params, inputs["x_t"], inputs["t"],
-                         (inputs["states"], inputs["mask"]))
+def _per_example_loss(unet_params, models: ldm_lib.Models, inputs, weights, snr_gamma: float):
+  out = ldm_lib.denoise(models, unet_params, inputs["x_t"], inputs["t"],
+                        (inputs["states"], inputs["mask"]))
   return losses.diffusion_loss(models.schedule, out, inputs["latents"], inputs["noise"],
                                inputs["t"], prediction_type=models.prediction_type,
                                snr_gamma=snr_gamma or None, weights=weights)
 
 
 def ldm_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.Array,
-                   frozen: dict[str, Any], *, models: sampling.Models,
+                   frozen: dict[str, Any], *, models: ldm_lib.Models,
                    tx: optax.GradientTransformation, config: Any):
   """One optimisation step of the UNet.
 
@@ -158,7 +158,7 @@ def ldm_train_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax.
 
 
 def ldm_eval_step(params, batch: dict[str, Any], rng: jax.Array, frozen: dict[str, Any], *,
-                  models: sampling.Models, config: Any):
+                  models: ldm_lib.Models, config: Any):
   """The validation loss: no caption dropout, the same draws for every call with this rng.
 
   Args:

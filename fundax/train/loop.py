@@ -7,19 +7,25 @@ jitted step from the state's step to `num_steps` with a progress bar, records me
 periodic hooks (evaluation, sample grids) and saves checkpoints whose extras carry the
 data-iterator position, so that a rerun resumes exactly where the last checkpoint left off.
 
-Two ways a run ends early, both leaving a checkpoint to resume from:
-  * preemption: SIGTERM (what Cloud TPU, Kubernetes and SLURM send before they stop a job)
-    lets the current step finish, saves a checkpoint at it and returns with `preempted` set;
-    rerunning the same command continues from that step.
+Ways a run ends early, each leaving a checkpoint to resume from:
+  * preemption: SIGTERM (what Cloud TPU, Kubernetes and SLURM send before they stop a job) or
+    SIGINT (Ctrl-C) lets the current step finish, saves a checkpoint at it and returns with
+    `preempted` naming the signal; rerunning the same command continues from that step. A
+    second Ctrl-C raises KeyboardInterrupt at once, without saving.
   * non-finite losses: a step whose loss or gradients are NaN/inf leaves the params alone and
     reports `nonfinite = 1` (see `fundax.train.guard`); the loop counts them and, after
     `max_nonfinite` in a row, saves the (last finite) state and raises `NonFiniteLossError`.
+  * non-finite weights or metrics: params or EMA params holding NaN/inf are never saved
+    (`NonFiniteWeightsError`; the last checkpoint stays the last good state), and an
+    evaluation whose metrics are NaN/inf stops the run (`NonFiniteMetricError`) instead of
+    being recorded as a result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pathlib
 import signal
 import threading
@@ -27,16 +33,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
 from fundax import checkpoint
+from fundax import images as images_lib
 from fundax import parallel
 from fundax.data import datasets
 from fundax.data import pipeline as pipeline_lib
-from fundax.data import preview
 from fundax.train import metric_writers
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class NonFiniteLossError(FloatingPointError):
   """Too many consecutive steps had a NaN/inf loss or gradient (their updates were skipped)."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+  """The params or EMA params hold NaN/inf values; they were not saved."""
+
+
+class NonFiniteMetricError(FloatingPointError):
+  """An evaluation gave NaN/inf metrics; they were not recorded."""
 
 
 def check_common(config: ml_collections.ConfigDict) -> list[str]:
@@ -184,7 +199,13 @@ def evaluate(eval_fn: Callable[[dict[str, Any]], dict[str, Any]],
         totals[name] = totals.get(name, 0.0) + float(value) * n
   if not count:
     raise ValueError("the evaluation split yielded no valid examples")
-  return {**{k: v / count for k, v in totals.items()}, "count": count}
+  means = {k: v / count for k, v in totals.items()}
+  bad = sorted(k for k, v in means.items() if not math.isfinite(v))
+  if bad:
+    raise NonFiniteMetricError(
+        f"evaluation metrics {bad} are NaN/inf (the weights give non-finite outputs); stopping "
+        "instead of recording them: lower optim.lr or check the data, then rerun to resume")
+  return {**means, "count": count}
 
 
 def save_grid(path: pathlib.Path, images: np.ndarray, captions: Sequence[str], *,
@@ -192,11 +213,8 @@ def save_grid(path: pathlib.Path, images: np.ndarray, captions: Sequence[str], *
   """Writes a labelled PNG grid (process 0 only); synthetic tiles are stamped as such."""
   if jax.process_index() != 0:
     return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  grid = preview.make_grid(list(images), list(captions), synthetic=synthetic, columns=columns,
-                           tile=128, title=title)
-  grid.save(path)
-  log.info("wrote %s", path)
+  images_lib.save_grid(path, images, captions, synthetic=synthetic, columns=columns, tile=128,
+                       title=title)
 
 
 @dataclasses.dataclass
@@ -211,34 +229,61 @@ class LoopResult(NamedTuple):
 
   Attributes:
     state: the final state.
-    preempted: SIGTERM arrived; the state was saved at its step and the loop returned early.
+    preempted: "" when the loop ran to its end; else the signal ("SIGTERM", "SIGINT") that
+      stopped it after saving the state at its step.
     nonfinite_steps: steps of this call whose update was skipped for a NaN/inf loss.
   """
   state: Any
-  preempted: bool
+  preempted: str
   nonfinite_steps: int
 
 
 class _Preemption:
-  """Catches SIGTERM while the loop runs (main thread only) and restores the old handler."""
+  """Catches SIGTERM and SIGINT while the loop runs (main thread only); restores the old
+  handlers on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal = ""
+    self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
-    self.requested = True
-    log.warning("signal %d: finishing this step, saving a checkpoint and stopping", signum)
+    if self.signal and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+    self.signal = signal.Signals(signum).name
+    log.warning("%s: finishing this step, saving a checkpoint and stopping (Ctrl-C again stops "
+                "at once, without saving)", self.signal)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set from C
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every floating-point entry of `tree` is finite."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def _check_weights(state: Any, step: int) -> None:
+  """Raises NonFiniteWeightsError when the state's params or EMA params hold NaN/inf."""
+  weights = {name: getattr(state, name, None) for name in ("params", "ema_params")}
+  bad = [name for name, tree in weights.items()
+         if tree is not None and not bool(_all_finite(tree))]
+  if bad:
+    raise NonFiniteWeightsError(
+        f"the {' and '.join(bad)} at step {step} hold NaN/inf values; not saved, so the last "
+        "checkpoint stays the last good state: lower optim.lr or check the data, then rerun "
+        "to resume from it")
 
 
 class _NonFiniteCounter:
@@ -296,17 +341,19 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
     max_nonfinite: consecutive skipped (non-finite) steps after which the run stops.
 
   Returns:
-    A `LoopResult`. On SIGTERM the current step is finished and saved, hooks are not run,
-    and the result says `preempted`.
+    A `LoopResult`. On SIGTERM or SIGINT the current step is finished and saved, hooks are
+    not run, and the result's `preempted` names the signal.
 
   Raises:
     NonFiniteLossError: `max_nonfinite` consecutive steps were skipped; the state (the last
       finite one) is saved first.
+    NonFiniteWeightsError: the params or EMA params to save hold NaN/inf (not saved).
+    NonFiniteMetricError: from a hook's `evaluate`.
   """
   start = int(jax.device_get(state.step))
   if start >= num_steps:
     log.info("nothing to do: the state is at step %d of %d", start, num_steps)
-    return LoopResult(state, False, 0)
+    return LoopResult(state, "", 0)
   nonfinite = _NonFiniteCounter(max_nonfinite)
   with _Preemption() as preemption, tqdm.tqdm(
       total=num_steps, initial=start, desc="train", unit="step",
@@ -324,8 +371,8 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
       if last:
         stop = nonfinite.resolve() or stop
-      saved = step % checkpoint_every == 0 or last or stop or preemption.requested
-      if saved:
+      if step % checkpoint_every == 0 or last or stop or preemption.signal:
+        _check_weights(state, step)
         save(step, state)
       if stop:
         raise NonFiniteLossError(
@@ -333,30 +380,33 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
             f"gradients and were skipped ({nonfinite.total} in this run); stopping. The last "
             f"finite state is saved at step {step}: lower optim.lr or check the data, then "
             "rerun to resume")
-      if preemption.requested:
-        log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
+      if preemption.signal:
+        log.warning("preempted (%s): saved a checkpoint at step %d; rerun to resume",
+                    preemption.signal, step)
         bar.update(1)
-        return LoopResult(state, True, nonfinite.total)
+        return LoopResult(state, preemption.signal, nonfinite.total)
       for hook in hooks:
         if hook.every and (step % hook.every == 0 or last):
           hook.fn(step, state)
       bar.update(1)
-  return LoopResult(state, False, nonfinite.total)
+  return LoopResult(state, "", nonfinite.total)
 
 
 def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: LoopResult,
             samples_dir: pathlib.Path, num_steps: int) -> dict[str, str]:
   """What a trainer's `run` returns for the CLI to print: output name -> path (or note).
 
-  A run that ended before `num_steps` (SIGTERM, or `stop_at_step`) says so under "unfinished",
-  so that callers (the main job) do not take its checkpoint for a finished model.
+  A run that ended before `num_steps` (a signal, or `stop_at_step`) says so under
+  "unfinished", so that callers (the main job) do not take its checkpoint for a finished model;
+  a preempted one also names the signal under "preempted" (the CLI exits with its own code).
   """
   out = {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
   step = int(jax.device_get(result.state.step))
   if result.preempted:
-    out["unfinished"] = (f"preempted (SIGTERM) at step {step} of {num_steps}, saved; rerun the "
-                         "command to resume")
+    out["unfinished"] = (f"preempted ({result.preempted}) at step {step} of {num_steps}, saved; "
+                         "rerun the command to resume")
+    out["preempted"] = result.preempted
   elif step < num_steps:
     out["unfinished"] = (f"stopped at step {step} of {num_steps} (stop_at_step), saved; rerun "
                          "without it to finish")

@@ -1,11 +1,12 @@
 """Latent diffusion training job: `run(config, workdir)` for configs/ldm.py and sd15_fundus.py.
 
 A short sequence of library calls: check the config (`validate_config`, before anything is
-built), build the dataset, load the frozen text encoder and VAE (a configs/vae.py run or a
-`fundax convert vae` directory), build the UNet, create (or restore) the sharded train state
-(resume order: the workdir, `resume_path`, the `unet_init` params, scratch), then
-`train_loop` with the pure `ldm_train_step`, periodic validation losses and SYNTHETIC-stamped sample grids drawn with the
-EMA params through the public sampling API. Checkpoints hold the train state, the frozen
+built), build the dataset, build the models (`fundax.models.ldm.build_models`: the frozen
+text encoder and VAE, from a configs/vae.py run or a `fundax convert vae` directory, and the
+UNet), create (or restore) the sharded train state (resume order: the workdir, `resume_path`,
+the `unet_init` params, scratch), then `train_loop` with the pure `ldm_train_step`, periodic
+validation losses and SYNTHETIC-stamped sample grids drawn with the EMA params through the
+public sampling API. Checkpoints hold the train state, the frozen
 networks' params and the model configs, so a checkpoint directory alone is enough to sample
 (`fundax.sampling.load_pipeline`).
 """
@@ -28,12 +29,11 @@ from fundax import parallel
 from fundax import sampling
 from fundax.data import datasets
 from fundax.data import tokenizer as tokenizer_lib
-from fundax.diffusion import samplers
+from fundax.diffusion import registry
 from fundax.diffusion import schedules
 from fundax.interop import params_io
-from fundax.models import text_encoder as text_lib
+from fundax.models import ldm as ldm_lib
 from fundax.models import unet as unet_lib
-from fundax.models import vae as vae_lib
 from fundax.train import frozen_cache
 from fundax.train import ldm_step
 from fundax.train import loop
@@ -44,113 +44,6 @@ from fundax.train import state as state_lib
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask")
-
-
-def _tokenizer_reference(vocab: Any) -> dict[str, Any]:
-  """The tokenizer reference for what `load_text_encoder` says its vocabulary is."""
-  if isinstance(vocab, dict):
-    return vocab
-  minilm = tokenizer_lib.minilm_dir()
-  if vocab is None or (minilm is not None and pathlib.Path(vocab) == minilm):
-    return tokenizer_lib.tokenizer_reference(None)
-  return tokenizer_lib.tokenizer_reference(vocab)
-
-
-def _vocab_dir(reference: dict[str, Any]) -> str | None:
-  if "path" in reference:
-    path = pathlib.Path(reference["path"])
-    return str(path if path.is_dir() else path.parent)
-  return str(tokenizer_lib.minilm_dir())
-
-
-def _is_params_dir(path: str) -> bool:
-  """Whether `path` is a `fundax convert` params directory (config.json with a "kind")."""
-  return (pathlib.Path(path) / params_io.CONFIG_FILE).is_file()
-
-
-def vae_config_of(path: str) -> vae_lib.VAEConfig:
-  """The architecture of a VAE checkpoint (a configs/vae.py run or a convert directory)."""
-  if _is_params_dir(path):
-    return vae_lib.VAEConfig.from_diffusers(params_io.load_meta(path, "vae")["config"])
-  return vae_lib.VAEConfig.from_diffusers(checkpoint.load_config(path)["models"]["vae"])
-
-
-def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any]:
-  """The VAE config and params of a configs/vae.py run (workdir or checkpoints dir; the EMA
-  params when it has them) or of a `fundax convert vae` directory (e.g. Stable Diffusion's)."""
-  if _is_params_dir(path):
-    params, meta = params_io.load_params(path, "vae")
-    log.info("frozen VAE from converted params %s", path)
-    return vae_lib.VAEConfig.from_diffusers(meta["config"]), params
-  config = checkpoint.load_config(path)
-  arrays = sampling.restore_arrays(path)["state"]
-  params = arrays["ema_params"] if arrays.get("ema_params") is not None else arrays["params"]
-  log.info("frozen VAE from %s", path)
-  return vae_lib.VAEConfig.from_diffusers(config["models"]["vae"]), params["vae"]
-
-
-def fresh_vae_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
-  """The architecture of the freshly initialised VAE used when no vae_checkpoint is given."""
-  levels = len(config.vae.block_out_channels)
-  return vae_lib.VAEConfig(
-      block_out_channels=tuple(config.vae.block_out_channels),
-      down_block_types=("DownEncoderBlock2D",) * levels,
-      up_block_types=("UpDecoderBlock2D",) * levels,
-      layers_per_block=config.vae.layers_per_block,
-      latent_channels=config.vae.latent_channels, norm_num_groups=config.vae.norm_num_groups,
-      sample_size=config.resolution, scaling_factor=config.vae.scaling_factor)
-
-
-def make_unet_config(config: ml_collections.ConfigDict, vae_config: vae_lib.VAEConfig,
-                     cross_attention_dim: int) -> unet_lib.UNetConfig:
-  """The UNet an LDM config's `unet` section describes, on the VAE's latents."""
-  u = config.unet
-  down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
-  up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
-  return unet_lib.UNetConfig(
-      sample_size=config.resolution // vae_config.downsample_factor,
-      in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels,
-      block_out_channels=tuple(u.block_out_channels), down_block_types=down,
-      up_block_types=up, layers_per_block=u.layers_per_block,
-      cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
-      norm_num_groups=u.norm_num_groups, prediction_type=u.prediction_type,
-      coordinate_input=u.coordinate_input, remat=u.remat,
-      attention_chunk=u.attention_chunk, attention_impl=u.attention_impl,
-      conv_impl=u.conv_impl, matmul_dtype=u.matmul_dtype)
-
-
-def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
-  """The models and the frozen networks' params an LDM config describes.
-
-  Args:
-    config: a configs/ldm.py config.
-    rng: initialises a fresh VAE (when `vae_checkpoint` is empty).
-
-  Returns:
-    (models, frozen params {"vae", "text"}, tokenizer reference).
-  """
-  dtype = jnp.dtype(config.dtype)
-  text, text_params, vocab = text_lib.load_text_encoder(config.text_encoder, dtype=dtype)
-  reference = _tokenizer_reference(vocab)
-  if config.vae_checkpoint:
-    vae_config, vae_params = load_vae(config.vae_checkpoint)
-  else:
-    log.warning("no vae_checkpoint: training on the latents of a RANDOM frozen VAE "
-                "(smoke tests only)")
-    vae_config = fresh_vae_config(config)
-    image = jnp.zeros((1, config.resolution, config.resolution, 3))
-    vae_params = jax.jit(vae_lib.AutoencoderKL(vae_config).init)(rng, image)["params"]
-  if config.resolution % vae_config.downsample_factor:
-    raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's "
-                     f"downsampling factor {vae_config.downsample_factor}")
-  unet_config = make_unet_config(config, vae_config, text.output_dim)
-  models = sampling.Models(
-      unet=unet_lib.UNet2DConditionModel(unet_config, dtype=dtype),
-      vae=vae_lib.AutoencoderKL(vae_config, dtype=dtype), text=text,
-      scheduler=config.scheduler.to_dict(),
-      special_tokens=text_lib.special_tokens(_vocab_dir(reference)),
-      text_mask=config.unet.text_mask, canonical_eye=config.canonical_eye)
-  return models, {"vae": vae_params, "text": text_params}, reference
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -172,8 +65,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in loop.DTYPES:
     problems.append(f"dtype must be one of {loop.DTYPES}, got {config.dtype!r}")
   s = config.sample
-  if s.sampler not in samplers.SAMPLERS:
-    problems.append(f"sample.sampler must be one of {samplers.SAMPLERS}, got {s.sampler!r}")
+  if s.sampler not in registry.sampler_names():
+    problems.append(f"sample.sampler must be one of {registry.sampler_names()}, got "
+                    f"{s.sampler!r}")
   if not 1 <= s.num_steps <= config.scheduler.num_train_timesteps:
     problems.append(f"sample.num_steps must be in [1, scheduler.num_train_timesteps="
                     f"{config.scheduler.num_train_timesteps}], got {s.num_steps}")
@@ -183,14 +77,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if s.guidance_scale < 0 or s.eta < 0:
     problems.append(f"sample.guidance_scale and sample.eta must be >= 0, got "
                     f"{s.guidance_scale} and {s.eta}")
-  if config.canonical_eye not in sampling.CANONICAL_EYES:
-    problems.append(f"canonical_eye must be one of {sampling.CANONICAL_EYES}, got "
+  if config.canonical_eye not in ldm_lib.CANONICAL_EYES:
+    problems.append(f"canonical_eye must be one of {ldm_lib.CANONICAL_EYES}, got "
                     f"{config.canonical_eye!r}")
   elif config.canonical_eye and not config.flip:
     problems.append("canonical_eye mirrors the other eye's images: it needs flip=True")
-  if config.scheduler.timestep_spacing not in ("",) + samplers.TIMESTEP_SPACINGS:
+  if config.scheduler.timestep_spacing not in ("",) + schedules.TIMESTEP_SPACINGS:
     problems.append(f"scheduler.timestep_spacing must be '' or one of "
-                    f"{samplers.TIMESTEP_SPACINGS}, got {config.scheduler.timestep_spacing!r}")
+                    f"{schedules.TIMESTEP_SPACINGS}, got {config.scheduler.timestep_spacing!r}")
   if config.scheduler.beta_schedule not in schedules.BETA_SCHEDULES:
     problems.append(f"scheduler.beta_schedule must be one of {schedules.BETA_SCHEDULES}, got "
                     f"{config.scheduler.beta_schedule!r}")
@@ -216,11 +110,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   if t.snr_gamma < 0:
     problems.append(f"train.snr_gamma must be >= 0 (0 disables), got {t.snr_gamma}")
-  if config.unet_init and not _is_params_dir(config.unet_init):
+  if config.unet_init and not ldm_lib.is_params_dir(config.unet_init):
     raise FileNotFoundError(f"unet_init {config.unet_init!r} is not a `fundax convert unet` "
                             f"directory (no {params_io.CONFIG_FILE})")
   if config.vae_checkpoint:
-    factor = vae_config_of(config.vae_checkpoint).downsample_factor
+    factor = ldm_lib.vae_config_of(config.vae_checkpoint).downsample_factor
   else:
     factor = 2 ** (len(config.vae.block_out_channels) - 1)
   unet_factor = 2 ** (len(u.block_out_channels) - 1)
@@ -268,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   data = loop.prepare_data(config, workdir)
   rng_init, rng_vae, rng_train, rng_sample, rng_eval = jax.random.split(
       jax.random.key(config.seed, impl=config.prng_impl), 5)
-  models, frozen_host, reference = build_models(config, rng_vae)
+  models, frozen_host, reference = ldm_lib.build_models(config, rng_vae)
   tokenizer = tokenizer_lib.make_tokenizer_from_reference(reference)
   mesh = parallel.make_mesh(config.mesh)
   rules = [tuple(r) for r in config.sharding_rules]
@@ -310,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   step_fn = parallel.jit_step(
       functools.partial(ldm_step.ldm_train_step, models=models, tx=tx, config=config.train),
       state_shardings, parallel.batch_sharding(mesh), extra_shardings=(step_frozen_shardings,))
-  checkpoint_config = {"job": config.to_dict(), "models": sampling.models_to_config(models),
+  checkpoint_config = {"job": config.to_dict(), "models": ldm_lib.models_to_config(models),
                        "tokenizer": reference, "max_length": config.max_length}
 
   def save(step, state):
@@ -362,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 
 
 def cache_spec(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
-               frozen: dict[str, Any], models: sampling.Models,
+               frozen: dict[str, Any], models: ldm_lib.Models,
                reference: dict[str, Any]) -> frozen_cache.CacheSpec:
   """What the training split's frozen cache depends on: data files, networks, settings."""
   vae = frozen_cache.fingerprint_arrays(frozen["vae"]) + json.dumps(
@@ -391,7 +285,7 @@ def _cached_inputs(config, data, workdir, models, frozen, tokenizer, reference, 
   batches = frozen_cache.CachedBatches(cache, global_batch_size=config.batch_size,
                                        seed=config.seed, vae_config=models.vae.config, mesh=mesh,
                                        canonical_eye=config.canonical_eye)
-  empty = sampling.empty_text(models, frozen["text"], config.max_length)
+  empty = ldm_lib.empty_text(models, frozen["text"], config.max_length)
   return batches, {"empty_text": empty}, frozen_cache.BATCH_KEYS
 
 

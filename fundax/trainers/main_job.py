@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from fundax import images as images_lib
 from fundax import sampling
 from fundax.data import captions as captions_lib
 from fundax.data import datasets
@@ -306,12 +307,7 @@ def report_stage(job: Job) -> dict[str, Any]:
   images, repeated = eval_run.generate_from_checkpoint(model, prompts, options)
   # The Selector scores image files, as it would in the feedback loop; the files stay.
   samples_dir = job.workdir / "report" / "samples"
-  samples_dir.mkdir(parents=True, exist_ok=True)
-  paths = []
-  for i, image in enumerate(images):
-    paths.append(str(samples_dir / f"{i:04d}.png"))
-    Image.fromarray(np.clip(np.round((image + 1.0) * 127.5), 0, 255).astype(np.uint8)).save(
-        paths[-1])
+  paths = images_lib.save_pngs(images, samples_dir, "{:04d}.png")
   scores = selector_score.score_images(job.results["selector"]["workdir"], paths, repeated)
   results = eval_run.evaluate(
       images, repeated, evaluator_dir=job.results["evaluator"]["evaluator_dir"],
@@ -421,8 +417,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     Output name -> path, for the CLI to print; only "summary" and "stopped" when a stage ended
-    unfinished (SIGTERM or stop_at_step): it is not marked and nothing after it runs, so a
-    rerun of the same command resumes it.
+    unfinished (a signal or stop_at_step): it is not marked and nothing after it runs, so a
+    rerun of the same command resumes it. A preempted stage adds "preempted", the signal's
+    name (the CLI exits with the preemption code).
   """
   stages = list(STAGES if stages is None else stages)
   check_config(config, stages)
@@ -459,7 +456,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         log.warning("%s; rerun the same command to resume", reason)
         summary["stopped"] = reason
         summary_path.write_text(json.dumps(summary, indent=2, default=float))
-        return {"summary": str(summary_path), "stopped": reason}
+        stopped = {"summary": str(summary_path), "stopped": reason}
+        if "preempted" in outputs:
+          stopped["preempted"] = outputs["preempted"]
+        return stopped
       record = {"seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
                 "load_average": os.getloadavg(), "outputs": outputs, "config": sections}
       marker.write_text(json.dumps(record, indent=2, default=float))
