@@ -114,6 +114,9 @@ def env(tmp_path_factory):
 
 
 # (argv with {placeholders} from `env`, text the error line must contain). Exit status 2.
+# `fundax sample` on the tiny LDM run, valid up to the flag each case adds.
+SAMPLE = ["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png"]
+
 BATTERY = [
     # Every command: argument parsing.
     ([], "required: COMMAND"),
@@ -191,22 +194,14 @@ BATTERY = [
     (["score", "--checkpoint", "{empty}", "{images}/good.png", "{images}/good.png",
       "{images}/good.png", "--prompt", "a", "--prompt", "b"], "--prompt given 2 times"),
     # Numbers: non-finite, out of range, not numbers.
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--guidance", "nan"], "--guidance: a finite number is needed"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--guidance", "inf"], "--guidance: a finite number is needed"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--guidance", "1e400"], "--guidance: a finite number is needed"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--eta", "nan"], "--eta: a finite number is needed"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--eta", "-1"], "--eta: must be >= 0"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--num", "0"], "--num: must be >= 1"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--steps", "many"], "--steps: an integer is needed"),
-    (["sample", "--checkpoint", "{ldm_run}", "--prompt", "x", "--out", "{root}/g.png",
-      "--steps", "5000"], "num_steps must be in [1, 1000]"),
+    (SAMPLE + ["--guidance", "nan"], "--guidance: a finite number is needed"),
+    (SAMPLE + ["--guidance", "inf"], "--guidance: a finite number is needed"),
+    (SAMPLE + ["--guidance", "1e400"], "--guidance: a finite number is needed"),
+    (SAMPLE + ["--eta", "nan"], "--eta: a finite number is needed"),
+    (SAMPLE + ["--eta", "-1"], "--eta: must be >= 0"),
+    (SAMPLE + ["--num", "0"], "--num: must be >= 1"),
+    (SAMPLE + ["--steps", "many"], "--steps: an integer is needed"),
+    (SAMPLE + ["--steps", "5000"], "num_steps must be in [1, 1000]"),
     (["score", "--checkpoint", "{empty}", "{images}/good.png", "--threshold", "nan"],
      "--threshold: a finite number is needed"),
     (["score", "--checkpoint", "{empty}", "{images}/good.png", "--threshold=1e999"],
