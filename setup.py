@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.8",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
+    # TensorBoard event files of every trainer's metrics (fundax.train.metric_writers), without
+    # TensorFlow.
+    "tensorboardX>=2.6,<3",
     # jax.export (de)serialisation: a user's exported Inception feature function (fundax.eval).
     "flatbuffers>=24,<26",
     # tensorflow-datasets imports it for builders defined in packages but declares it only for

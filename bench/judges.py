@@ -58,6 +58,8 @@ def judge(resolution: int, cache: pathlib.Path, ship: bool) -> dict:
   reused = outputs is not None
   if not reused:
     outputs = evaluator_train.train_evaluator(config, str(workdir))
+    if "preempted" in outputs:  # saved at its step: rerunning the benchmark resumes it
+      sys.exit(f"{resolution} px: {outputs['unfinished']}")
   if ship and workdir.parent != evaluator_train.SHIPPED:
     _ship(workdir)
   heldout = outputs["heldout_accuracy"]

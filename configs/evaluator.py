@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.batch_size = 64  # images per optimizer step
   c.log_every = 100  # steps between metrics.jsonl rows
   c.checkpoint_every = 600 if tiny else 500  # steps between checkpoints
+  c.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf-loss (skipped) steps
   c.class_balance = True  # weight each class's cross-entropy by its inverse frequency
   c.flip = True  # mirror half of each batch (the other eye; laterality target flipped)
 

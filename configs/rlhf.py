@@ -26,6 +26,7 @@ metrics), `prompts/` (every batch's prompts), `heldout/round_<r>.npy`, `checkpoi
 after any stage), `best/` (the kept model, loadable by `fundax.sampling.load_pipeline`),
 `feedback/` (candidates, the rating database), `selector/v<n>/` (retrained Selectors) and
 `report/` (report.html, report.json, curves.png, curves_queries.png, before/after grids).
+SIGTERM or Ctrl-C finishes the current stage, saves it and exits 75; rerun to resume.
 """
 
 import ml_collections
@@ -48,6 +49,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": -1})  # parallelism degrees (-1: all devices)
   c.max_to_keep = 2  # checkpoints (one per stage) kept in the workdir
   c.stop_after_phase = 0  # stop after this many stages (0: run all), to split a run in parts
+  c.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf-loss (skipped) updates
   c.reward = "selector"  # by name: selector, evaluator, mean_brightness (fundax.rl.reward)
   c.reward_batch_size = 16  # images per compiled Selector call
 

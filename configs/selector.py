@@ -12,8 +12,10 @@ workdir, random small text encoder; well under a minute on a laptop CPU), "eyeq"
 Good/Usable/Reject grades through its TFDS builder, from the user's own download).
 
 Expect in the workdir: `checkpoints/` (params + this config + model config + text-encoder spec
-as JSON), `metrics.jsonl` (training losses), `selector_eval.json` (held-out AUROC, AUPRC, ECE
-and the learned threshold with its precision/recall), `plots/*_{roc,pr,reliability}.png`.
+as JSON), `metrics.jsonl` and `tensorboard/` (training losses), `selector_eval.json`
+(held-out AUROC, AUPRC, ECE and the learned threshold with its precision/recall),
+`plots/*_{roc,pr,reliability}.png`. SIGTERM or Ctrl-C saves the step and exits 75; rerun the
+same command to resume.
 """
 
 import ml_collections
@@ -73,6 +75,7 @@ def get_config(arg=None):
   c.log_every = 25  # steps between metrics lines
   c.checkpoint_every = 150 if tiny else 1000  # steps between checkpoints (and the last step)
   c.keep_checkpoints = 2  # checkpoints kept in the workdir
+  c.max_nonfinite_steps = 10  # stop after this many consecutive NaN/inf-loss (skipped) steps
 
   c.loss_weights = ml_collections.ConfigDict()
   c.loss_weights.accept = 1.0  # BCE of the overall logit vs accept targets

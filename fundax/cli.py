@@ -262,6 +262,8 @@ def cmd_evaluate(args, overrides):
       num_heldout=args.num_heldout,
       config={"samples_per_prompt": args.samples_per_prompt, "num_steps": args.num_steps,
               "guidance_scale": args.guidance_scale, "seed": args.seed})
+  if "preempted" in results:  # the evaluator it was training stopped on a signal, saved
+    return _finish(results)
   print("metric: generated | phantoms (floor / ceiling) | negative control")
   for row in results["table"]:
     print(f"{row['metric']}: {row['generated']:.4g} | {row['phantoms']:.4g} | "

@@ -474,6 +474,26 @@ def test_exit_codes(tmp_path, monkeypatch, capsys, command, result, status, line
       [] if line is None else [next(l for l in err.splitlines() if l.startswith(line))])
 
 
+@pytest.mark.parametrize("argv,module,function", [
+    (["train", "selector"], "fundax.selector.train", "train_selector"),
+    (["train", "evaluator"], "fundax.eval.evaluator_train", "train_evaluator"),
+    (["rlhf"], "fundax.rl.rounds", "run"),
+], ids=["selector", "evaluator", "rlhf"])
+def test_every_trainer_passes_its_preemption_on(tmp_path, monkeypatch, capsys, argv, module,
+                                                function):
+  """`fundax train selector|evaluator` and `fundax rlhf` exit 75 when their job was preempted
+  (the jobs stubbed; their own SIGTERM tests are in test_selector_train.py,
+  test_eval_evaluator.py and test_rl_loop.py)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(importlib.import_module(module), function, lambda config, workdir: {
+      "workdir": workdir, "unfinished": "preempted (SIGTERM) at step 3 of 9, saved",
+      "preempted": "SIGTERM"})
+  assert cli.main(argv + ["--workdir", str(tmp_path / "w")]) == cli.EXIT_PREEMPTED
+  out, err = capsys.readouterr()
+  assert "unfinished: preempted (SIGTERM) at step 3" in out
+  assert "fundax: preempted by SIGTERM" in err and "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
   store, _ = feedback_helpers.make_store(tmp_path_factory.mktemp("api"), num_prompts=1,

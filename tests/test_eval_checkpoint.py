@@ -81,7 +81,7 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
   def fake_score_images(selector_dir, paths, prompts):
     # The real scorer is tested in test_selector_train.py; here: what evaluate hands it.
     scored.append((selector_dir, list(paths), list(prompts)))
-    return [{"score": i / 10} for i in range(len(paths))]
+    return [{"score": i / 10, "accepted": i > 0} for i in range(len(paths))]
   monkeypatch.setattr(score_lib, "score_images", fake_score_images)
   # A few steps of a narrow TSTR classifier: its learning is tested in test_eval_utility.py.
   monkeypatch.setattr(utility, "DEFAULTS", {**utility.DEFAULTS, "width": 8,
@@ -117,6 +117,59 @@ def test_evaluate_command_on_a_checkpoint(ldm_checkpoint, evaluator_dir, tmp_pat
   html = (out / "report.html").read_text()
   assert "SYNTHETIC IMAGES" in html and "Selector score" in html
   assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'src="([^"]*)"', html))
+
+
+def test_evaluate_command_calls_evaluate_checkpoint(tmp_path, monkeypatch, capsys):
+  # The main job's report calls the same function (tests/test_main_job.py).
+  calls = []
+
+  def evaluate_checkpoint(checkpoint_dir, out_dir, **kwargs):
+    calls.append((checkpoint_dir, out_dir, kwargs))
+    return {"table": [], "metrics_json": f"{out_dir}/metrics.json",
+            "report": f"{out_dir}/report.html"}
+  monkeypatch.setattr(run, "evaluate_checkpoint", evaluate_checkpoint)
+  (tmp_path / "ckpt").mkdir()
+  assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                   str(tmp_path / "out"), "--num-steps", "3"]) == 0
+  [(checkpoint_dir, out_dir, kwargs)] = calls
+  assert (checkpoint_dir, out_dir) == (str(tmp_path / "ckpt"), str(tmp_path / "out"))
+  assert kwargs["data"] == run.PHANTOM and kwargs["config"]["num_steps"] == 3
+  assert f"report: {tmp_path / 'out' / 'report.html'}" in capsys.readouterr().out
+
+
+def test_evaluate_checkpoint_on_data_from_a_loader(ldm_checkpoint, tmp_path, monkeypatch):
+  # The main job's report passes its dataset as a loader: the glue around `evaluate` (stubbed;
+  # it is tested in test_eval_report.py and above) with the prompts, images and labels it gives.
+  cases = [phantom.generate(seed, 64) for seed in (1, 1, 2, 3, 4)]  # seed 1 twice: one prompt
+  loaded = []
+
+  def load(split, num):
+    loaded.append((split, num))
+    chosen = cases[:num]
+    return np.stack([c.image for c in chosen]), [c.labels for c in chosen]
+  monkeypatch.setattr(run, "generate_from_checkpoint", lambda pipeline, prompts, config: (
+      np.zeros((len(prompts) * 2, 64, 64, 3), np.float32), [p for p in prompts for _ in "ab"]))
+  monkeypatch.setattr(score_lib, "score_images", lambda d, paths, prompts: [
+      {"score": 0.5, "accepted": i % 4 == 0} for i in range(len(paths))])
+  evaluated = []
+  monkeypatch.setattr(run, "evaluate", lambda images, prompts, **kw: evaluated.append(
+      (images, prompts, kw)) or {"table": []})
+  (tmp_path / "selector").mkdir()
+  out = run.evaluate_checkpoint(ldm_checkpoint, str(tmp_path / "out"), evaluator_dir=str(tmp_path),
+                                selector_dir=str(tmp_path / "selector"), data=load,
+                                num_prompts=3, num_reference=2, num_heldout=4,
+                                note="the main job's data", sections=["<h2>RLHF</h2>"])
+  assert loaded == [("train", 2), ("test", 4)]
+  [(images, prompts, kw)] = evaluated
+  distinct = [captions.caption(c.labels) for c in cases[1:4]]  # the first 3 distinct captions
+  assert prompts == [p for p in distinct for _ in "ab"] and len(images) == 6
+  assert len(kw["reference_images"]) == 2 and len(kw["heldout_labels"]) == 4
+  assert kw["selector_scores"] == [0.5] * 6 and out["accepted_by_selector"] == pytest.approx(2 / 6)
+  assert kw["sections"] == ["<h2>RLHF</h2>"]
+  assert kw["note"].endswith("against 2 reference images; TSTR tested on 4 held-out images. "
+                             "the main job's data")
+  assert len(out["samples"]) == 6 and all(p.startswith(str(tmp_path / "out" / run.SAMPLES_DIR))
+                                          for p in out["samples"])
 
 
 def test_privacy_reference_is_the_phantom_training_split():

@@ -1,11 +1,14 @@
 """The evaluator network, its save/load round trip, and its trainer end to end with resume."""
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
+from fundax import checkpoint
 from fundax import configlib
 from fundax.eval import evaluator as ev
 from fundax.eval import evaluator_train
@@ -91,35 +94,63 @@ def _config(steps=6):
   return config
 
 
-def test_train_evaluator_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_train_evaluator_end_to_end_and_sigterm_resume(tmp_path, monkeypatch):
   config = _config()
   full = evaluator_train.train_evaluator(config, str(tmp_path / "full"))
   assert set(full["heldout_accuracy"]) >= {"dr_grade_accuracy", "dr_grade_majority", "cdr_mae",
                                            "laterality_accuracy"}
   rows = [json.loads(l) for l in open(full["metrics"])]
   assert [r["step"] for r in rows] == [2, 4, 6]
+  assert all(r["split"] == "train" and r["nonfinite"] == 0 for r in rows)
   loaded = ev.load_evaluator(full["evaluator_dir"])
   assert loaded.resolution == 64
 
-  # Interrupt a second run after step 4 (its step-3 checkpoint is on disk), then resume it.
-  real_make = evaluator_train.make_train_step
-  def interrupted(model, optim_config):
-    optimizer, init_state, step_fn = real_make(model, optim_config)
-    calls = []
-    def step(*args):
-      calls.append(1)
-      if len(calls) > 4:
-        raise KeyboardInterrupt
-      return step_fn(*args)
-    return optimizer, init_state, step
-  monkeypatch.setattr(evaluator_train, "make_train_step", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    evaluator_train.train_evaluator(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(evaluator_train, "make_train_step", real_make)
-  resumed = evaluator_train.train_evaluator(config, str(tmp_path / "resumed"))
-  # Steps 4-6 are replayed with the same batches: the same params as the uninterrupted run.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+  # SIGTERM while the batch of step 4 is drawn: step 4 finishes, is saved (between the
+  # periodic checkpoints at 3 and 6), and the run returns without writing a finished evaluator.
+  batch_indices = evaluator_train.batch_indices
+
+  def sigterm_at_step_4(num, batch_size, seed, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch_indices(num, batch_size, seed, step)
+
+  monkeypatch.setattr(evaluator_train, "batch_indices", sigterm_at_step_4)
+  resumed_dir = tmp_path / "resumed"
+  stopped = evaluator_train.train_evaluator(config, str(resumed_dir))
+  assert stopped["preempted"] == "SIGTERM" and "at step 4 of 6" in stopped["unfinished"]
+  assert checkpoint.restore_params(resumed_dir)["step"] == 4
+  assert evaluator_train.finished_run(resumed_dir) is None
+  assert not (resumed_dir / "evaluator").exists() and not (resumed_dir / "heldout.json").exists()
+  monkeypatch.setattr(evaluator_train, "batch_indices", batch_indices)
+  resumed = evaluator_train.train_evaluator(config, str(resumed_dir))
+  # Steps 5-6 are drawn as the uninterrupted run drew them: the same params.
+  jax.tree.map(np.testing.assert_array_equal,
                loaded.params, ev.load_evaluator(resumed["evaluator_dir"]).params)
+  assert [r["step"] for r in map(json.loads, open(resumed["metrics"]))] == [2, 4, 6]
+
+
+def test_train_step_skips_a_nan_batch(tiny):
+  """A NaN pixel makes the loss NaN: params and optimizer state stay, the step advances."""
+  model, params = tiny
+  _, init_state, step = evaluator_train.make_train_step(
+      model, {"lr": 1e-2, "total_steps": 10, "warmup_steps": 0})
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  targets = {name: np.zeros(4, np.float32 if name in ev.REGRESSION_HEADS else np.int32)
+             for name in ev.HEADS}
+  weights = evaluator_train.uniform_class_weights(ev.HEADS)
+  state = init_state(jax.tree.map(np.array, params))
+  before = jax.device_get(state)  # the step donates the state
+  images[1, 5, 5, 0] = np.nan
+  state, metrics = step(state, {"image": images, "targets": targets}, None, weights)
+  assert float(metrics["nonfinite"]) == 1.0 and int(state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)),
+               (before.params, before.opt_state))
+  images[1, 5, 5, 0] = 0.0
+  state, metrics = step(state, {"image": images, "targets": targets}, None, weights)
+  assert float(metrics["nonfinite"]) == 0.0 and int(state.step) == 2
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before.params)))
 
 
 def test_head_metrics_hand_case():

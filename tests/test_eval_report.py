@@ -1,16 +1,19 @@
-"""`evaluate` end to end on phantom images standing in for generated ones (no diffusion model)."""
+"""`evaluate` end to end on phantom images standing in for generated ones (no diffusion model);
+the report's RLHF section."""
 
 import json
 import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fundax import configlib
 from fundax.data import captions
 from fundax.data import labels as labels_lib
 from fundax.data import phantom
 from fundax.eval import evaluator_train
+from fundax.eval import report
 from fundax.eval import run
 
 @pytest.fixture(scope="module")
@@ -149,3 +152,20 @@ def test_generate_from_checkpoint_glue(monkeypatch):
   np.testing.assert_allclose(images[:, 0, 0, 0], [0.01] * 3 + [0.02] * 3)
   # The last batch is padded (one compile); each prompt's mirror flag reaches the sampler.
   assert calls == [("/ckpt", 4, 7, 7.5, [False] * 3 + [True]), ("/ckpt", 4, 7, 7.5, [True] * 4)]
+
+
+def test_rlhf_section_shows_rounds_verdict_and_figures(tmp_path):
+  pngs = {}
+  for name in ("curves", "curves_queries", "grid_before", "grid_after"):
+    pngs[name] = str(tmp_path / f"{name}.png")
+    Image.new("RGB", (4, 4)).save(pngs[name])
+  history = [{"round": r, "queries": 16 * r, "reward": 0.25 * r, "composite": 0.5,
+              "metrics": {"darkness": 0.125, "consistency": 0.75}} for r in range(3)]
+  html = report.rlhf_section(history, best_round=1, stop_reason="", **pngs)
+  assert "RLHF: 2 rounds, kept round 1" in html and "no reward hacking detected" in html
+  assert "<th>darkness</th><th>consistency</th>" in html
+  assert "<tr><td>2</td><td>32</td><td>0.5000</td><td>0.5000</td><td>0.1250</td>" in html
+  assert len(re.findall(r'src="data:image/png;base64,', html)) == 4
+  assert "held-out prompts at the kept round 1" in html
+  html = report.rlhf_section(history, best_round=0, stop_reason="composite fell <0.1>", **pngs)
+  assert "composite fell &lt;0.1&gt;" in html  # the verdict is escaped

@@ -1,8 +1,8 @@
 """The train loop's early exits (SIGTERM, non-finite losses) and the trainers' config checks.
 
 The loop is driven by a host-side fake step (no compile), so these tests take a second; the
-real trainers' SIGTERM resume and NaN skipping are covered in test_trainers.py and
-test_ldm_step.py.
+real trainers' SIGTERM resume and NaN skipping are covered in test_trainers.py,
+test_ldm_step.py, test_selector*.py, test_eval_evaluator.py and test_rl_loop.py.
 """
 
 import itertools
@@ -80,6 +80,39 @@ def test_sigterm_saves_the_current_step_and_returns(tmp_path):
   # Resuming from the saved step finishes the run.
   resumed, saved, _ = run_loop(tmp_path / "b", fake_step(), start=4)
   assert not resumed.preempted and resumed.state.step == 6 and saved == [(6, 2)]
+
+
+def test_a_loop_without_checkpoints_leaves_signals_alone():
+  """`save=None` (the TSTR and C2ST classifiers): nothing to resume, so no handler is installed,
+  and nothing is written."""
+  handlers = []
+
+  def step_fn(state, batch, rng):
+    handlers.append(signal.getsignal(signal.SIGTERM))
+    return fake_step()(state, batch, rng)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  result = loop.train_loop(
+      FakeState(), step_fn=step_fn, batches=itertools.repeat({"x": 0}), batch_keys=None,
+      rng=None, num_steps=3, writer=None, log_every=1, checkpoint_every=1, save=None)
+  assert result.state.step == 3 and not result.preempted
+  assert handlers == [previous] * 3
+
+
+def test_a_nested_loop_leaves_the_signal_to_the_outer_one(tmp_path):
+  """A loop inside another preemptible unit of work (a Selector retrained in an RLHF stage)
+  runs to its end; the outer context holds the signal and stops after its unit."""
+  def sigterm_at_2(step, state):
+    del state
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  with loop.Preemption() as outer:
+    result, saved, _ = run_loop(tmp_path, fake_step(), hooks=[loop.Hook(1, sigterm_at_2)])
+    assert not result.preempted and result.state.step == 6 and saved == [(6, 6)]
+    assert outer.signal == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def tiny(name, *overrides):

@@ -1,6 +1,10 @@
-"""The main job end to end on configs/main.py:test: every stage's outputs, resume, bad config."""
+"""The main job end to end on configs/main.py:test: every stage's outputs, resume, bad config;
+its typed stage results through JSON, and its report going through `fundax evaluate`'s function.
+"""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +13,9 @@ from PIL import Image
 from fundax import configlib
 from fundax.data import captions
 from fundax.data import labels as labels_lib
+from fundax.eval import run as eval_run
 from fundax.trainers import main_job
+from fundax.trainers import stage_results as sr
 
 STAGE_NAMES = ["data", "vae", "ldm", "grids", "evaluator", "selector", "rlhf", "report"]
 
@@ -88,6 +94,12 @@ def test_report_names_metrics_and_selector(job):
   metrics = json.loads((workdir / "report" / "metrics.json").read_text())
   r = config.report
   assert metrics["num_images"] == r.num_prompts * r.samples_per_prompt
+  # Written by `fundax evaluate`'s function, which states what it generated from.
+  assert metrics["num_reference"] == min(r.num_reference, config.data.num_train)
+  assert metrics["note"].startswith(
+      f"{metrics['num_images']} images generated from {workdir / 'rlhf' / 'best'} for "
+      f"{r.num_prompts} prompts, against {metrics['num_reference']} reference images; TSTR "
+      f"tested on {config.data.num_test} held-out images.")
   assert len(metrics["selector"]["scores"]) == metrics["num_images"]
   assert all(0 <= s <= 1 for s in metrics["selector"]["scores"])
   assert len(list((workdir / "report" / "samples").glob("*.png"))) == metrics["num_images"]
@@ -124,12 +136,15 @@ def test_report_samples_the_kept_model_and_shows_rlhf(job):
 
 
 def test_rerun_skips_finished_stages(job):
-  config, workdir, _ = job
+  config, workdir, outputs = job
   grid = workdir / "grids" / "overview.png"
   before = grid.stat().st_mtime_ns
-  main_job.run(config, str(workdir))
+  metrics = json.loads((workdir / "summary.json").read_text())["metrics"]
+  # The results read back from the stage files give the same outputs and key metrics.
+  assert main_job.run(config, str(workdir)) == outputs
   summary = json.loads((workdir / "summary.json").read_text())
   assert all(record["skipped"] for record in summary["stages"].values())
+  assert json.dumps(summary["metrics"]) == json.dumps(metrics)  # NaN != NaN: compare the text
   assert grid.stat().st_mtime_ns == before
 
 
@@ -163,3 +178,162 @@ def test_bad_config_fails_before_compute(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
     main_job.run(_config(override), str(tmp_path))
   assert not (tmp_path / "data").exists()
+
+
+# One result of each stage, as the stages build them (JSON values only).
+RESULTS = {
+    "data": sr.DataResult(dataset="/w/data", splits={"train": 12, "test": 16}, stats="/w/s.json",
+                          preview="/w/preview.png"),
+    "vae": sr.TrainResult(workdir="/w/vae", checkpoints="/w/vae/checkpoints",
+                          metrics="/w/vae/metrics.jsonl", samples="/w/vae/samples",
+                          train={"loss": 0.5, "step": 2}, eval={"psnr": 12.5}),
+    "ldm": sr.TrainResult(workdir="/w/ldm", checkpoints="/w/ldm/checkpoints",
+                          metrics="/w/ldm/metrics.jsonl", samples="/w/ldm/samples",
+                          train={"loss": 0.25}, eval={}, nonfinite_steps="1 updates skipped"),
+    "grids": sr.GridsResult(grids={"dr0_right": "/w/grids/dr0_right.png"},
+                            overview="/w/grids/overview.png"),
+    "evaluator": sr.EvaluatorResult(evaluator_dir="/w/ev/evaluator", metrics="/w/ev/m.jsonl",
+                                    heldout="/w/ev/heldout.json",
+                                    heldout_accuracy={"dr_grade_accuracy": 0.75}, reused=True),
+    "selector": sr.SelectorResult(workdir="/w/selector", checkpoints="/w/selector/checkpoints",
+                                  metrics="/w/selector/m.jsonl", eval_report="/w/selector/e.json",
+                                  threshold={"threshold": 0.5, "precision": 0.9, "recall": 0.4},
+                                  threshold_source="graded", heldout_auroc=None),
+    "rlhf": sr.RlhfResult(
+        workdir="/w/rlhf", best_checkpoint="/w/rlhf/best", metrics="/w/rlhf/m.jsonl",
+        report_html="/w/rlhf/report/report.html", report_json="/w/rlhf/report/report.json",
+        curves="/w/c.png", curves_queries="/w/cq.png", grid_before="/w/gb.png",
+        grid_after="/w/ga.png", stop_reason="", accepted_fraction=[0.5, 0.25], rounds_done=2,
+        best_round=1, stopped=False, queries=64, reward_before=0.25, reward_after=0.5,
+        composite_before=0.125, composite_after=0.0625, reward_kept=0.375, composite_kept=0.25,
+        heldout_before={"darkness": 0.5}, heldout_after={"darkness": 0.25},
+        heldout_kept={"darkness": 0.375}),
+    "report": sr.ReportResult(report="/w/report/report.html", metrics_json="/w/report/m.json",
+                              model="/w/rlhf/best", samples="/w/report/samples",
+                              accepted_by_selector=0.5,
+                              metrics={"KID": {"generated": 0.5, "phantoms": 0.0,
+                                               "control": 1.0}}),
+}
+
+
+def test_every_stage_result_round_trips_through_json():
+  assert [s.name for s in main_job.STAGES] == list(RESULTS)
+  for stage in main_job.STAGES:
+    result = RESULTS[stage.name]
+    assert isinstance(result, stage.result)
+    text = json.dumps(result.to_json())  # what stages/<name>.json holds under "outputs"
+    assert stage.result.from_json(json.loads(text)) == result, stage.name
+  # VAE stage files written before the last train record was kept still read.
+  old = {k: v for k, v in RESULTS["vae"].to_json().items() if k != "train"}
+  assert sr.TrainResult.from_json(old).train == {}
+
+
+def test_result_from_outputs_keeps_its_fields_only():
+  outputs = {**RESULTS["rlhf"].to_json(), "checkpoints": "/w/rlhf/checkpoints",
+             "results": {"not": "kept"}, "reward_after": np.float32(0.5)}
+  result = sr.RlhfResult.from_outputs(outputs)
+  assert result == RESULTS["rlhf"] and isinstance(result.reward_after, float)  # not float32
+  # summary.json's RLHF figures are the fields marked as figures: no paths among them.
+  assert set(result.figures()) == {
+      "rounds_done", "best_round", "stopped", "queries", "reward_before", "reward_after",
+      "composite_before", "composite_after", "reward_kept", "composite_kept", "heldout_before",
+      "heldout_after", "heldout_kept"}
+  with pytest.raises(ValueError, match="best_checkpoint"):
+    sr.RlhfResult.from_outputs({k: v for k, v in outputs.items() if k != "best_checkpoint"})
+  with pytest.raises(ValueError, match="unexpected keyword argument 'extra'"):
+    sr.DataResult.from_json({**RESULTS["data"].to_json(), "extra": 1})
+
+
+def _fake_stage(name, calls, check=None):
+  """A stage returning RESULTS[name] (after `check(job)`), recording that it ran."""
+  def fn(job):
+    calls.append(name)
+    if check is not None:
+      check(job)
+    return RESULTS[name]
+  return main_job.Stage(name, fn, type(RESULTS[name]), ())
+
+
+def test_rerun_reads_typed_results_back_from_stage_files(tmp_path):
+  config, calls, seen = _config(), [], []
+  outputs = main_job.run(config, str(tmp_path), [_fake_stage("data", calls)])
+  assert outputs == {"summary": str(tmp_path / "summary.json"), "data preview": "/w/preview.png"}
+  record = json.loads((tmp_path / "stages" / "data.json").read_text())
+  assert record["outputs"] == RESULTS["data"].to_json()
+  # A rerun skips the data stage; the next stage sees its result read back, as typed fields.
+  stages = [_fake_stage("data", calls),
+            _fake_stage("ldm", calls, lambda job: seen.append(dataclasses.replace(job.results)))]
+  outputs = main_job.run(config, str(tmp_path), stages)
+  assert calls == ["data", "ldm"]
+  assert seen == [sr.Results(data=RESULTS["data"])]
+  assert outputs["ldm checkpoints"] == "/w/ldm/checkpoints"
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["stages"]["data"]["skipped"] and not summary["stages"]["ldm"]["skipped"]
+  assert summary["metrics"] == {"ldm_train_loss": 0.25, "ldm_eval_loss": None}
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"seconds": 1, "cpu_seconds": 1, "config": {}}',
+                                  '{"seconds": 1, "cpu_seconds": 1, "config": {}, '
+                                  '"outputs": {"dataset": "/d"}}'],
+                         ids=["not json", "no outputs", "fields missing"])
+def test_a_stage_file_without_its_result_is_named(tmp_path, text):
+  (tmp_path / "stages").mkdir()
+  marker = tmp_path / "stages" / "data.json"
+  marker.write_text(text)
+  calls = []
+  with pytest.raises(main_job.StageFileError, match=re.escape(str(marker)) + " does not hold a "
+                     "finished data stage's DataResult .*delete it to run the stage again"):
+    main_job.run(_config(), str(tmp_path), [_fake_stage("data", calls)])
+  assert not calls  # not run again unasked
+
+
+def test_unfinished_stage_is_not_marked(tmp_path):
+  stage = main_job.Stage("vae", lambda job: sr.Unfinished("preempted at step 1", "SIGTERM"),
+                         sr.TrainResult, ())
+  outputs = main_job.run(_config(), str(tmp_path), [stage, _fake_stage("ldm", [])])
+  assert outputs == {"summary": str(tmp_path / "summary.json"),
+                     "stopped": "stage vae unfinished: preempted at step 1",
+                     "preempted": "SIGTERM"}
+  assert not list((tmp_path / "stages").iterdir())
+
+
+def _png(path):
+  Image.new("RGB", (8, 8)).save(path)
+  return str(path)
+
+
+def test_report_stage_calls_the_evaluate_command_function(tmp_path, monkeypatch):
+  history = [{"round": r, "queries": 32 * r, "reward": 0.1 * r, "composite": 0.2,
+              "metrics": {"darkness": 0.5}} for r in range(3)]
+  (tmp_path / "report.json").write_text(json.dumps({"history": history}))
+  rlhf = dataclasses.replace(
+      RESULTS["rlhf"], report_json=str(tmp_path / "report.json"),
+      **{name: _png(tmp_path / f"{name}.png")
+         for name in ("curves", "curves_queries", "grid_before", "grid_after")})
+  calls = []
+
+  def evaluate_checkpoint(checkpoint_dir, out_dir, **kwargs):
+    calls.append((checkpoint_dir, out_dir, kwargs))
+    return {"report": f"{out_dir}/report.html", "metrics_json": f"{out_dir}/metrics.json",
+            "accepted_by_selector": 0.25, "samples": [],
+            "table": [{"metric": "KID", "generated": 0.5, "phantoms": 0.0, "control": 1.0,
+                       "control_set": "blurred"}]}
+  monkeypatch.setattr(eval_run, "evaluate_checkpoint", evaluate_checkpoint)
+  config = _config()
+  job = main_job.Job(config, tmp_path, config.data, sr.Results(
+      ldm=RESULTS["ldm"], evaluator=RESULTS["evaluator"], selector=RESULTS["selector"],
+      rlhf=rlhf))
+  result = main_job.report_stage(job)
+  [(checkpoint_dir, out_dir, kwargs)] = calls
+  assert (checkpoint_dir, out_dir) == ("/w/rlhf/best", str(tmp_path / "report"))  # kept model
+  assert kwargs["evaluator_dir"] == "/w/ev/evaluator" and kwargs["selector_dir"] == "/w/selector"
+  assert kwargs["num_heldout"] == config.data.num_test and callable(kwargs["data"])
+  assert kwargs["config"]["num_steps"] == config.report.sampler_steps
+  assert "kept round 1" in kwargs["note"]
+  [section] = kwargs["sections"]  # the RLHF section, built by fundax.eval.report
+  assert "RLHF: 2 rounds, kept round 1" in section and section.count("data:image/png") == 4
+  assert result == sr.ReportResult(
+      report=str(tmp_path / "report" / "report.html"),
+      metrics_json=str(tmp_path / "report" / "metrics.json"), model="/w/rlhf/best",
+      samples=str(tmp_path / "report" / "samples"), accepted_by_selector=0.25,
+      metrics={"KID": {"generated": 0.5, "phantoms": 0.0, "control": 1.0}})

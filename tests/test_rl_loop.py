@@ -1,9 +1,13 @@
 """The RLHF loop on a tiny random LDM: the update's first ratio is 1, a toy reward climbs, a run
-resumed mid-round equals an uninterrupted one, and the guard stops a run that games its reward."""
+resumed mid-round (after stop_after_phase or a SIGTERM) equals an uninterrupted one, NaN/inf
+updates are skipped and NaN/inf held-out readings stop the run, and the guard stops a run that
+games its reward."""
 
 import functools
 import json
+import os
 import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,8 @@ from fundax.rl import ddpo
 from fundax.rl import reward as reward_lib
 from fundax.rl import rollout as rollout_lib
 from fundax.rl import rounds
+from fundax.rl import run_state
+from fundax.train import loop as loop_lib
 from fundax.train import state as state_lib
 from tiny_ldm import tiny_models
 
@@ -104,7 +110,15 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-3
   assert float(metrics["approx_kl"]) < 1e-5 and float(metrics["clip_fraction"]) == 0.0
   assert float(metrics["kl_reference"]) < 1e-4  # the policy is the reference
-  assert float(metrics["grad_norm"]) > 0
+  assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite"]) == 0
+  # A NaN advantage makes the loss NaN: the update is skipped, only the step advances.
+  state = jax.jit(lambda p: state_lib.create(p, loop.tx))(params["unet"])
+  before = jax.device_get(state)
+  batch["advantages"] = batch["advantages"].at[0].set(jnp.nan)
+  skipped, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": params["unet"]})
+  assert float(metrics["nonfinite"]) == 1 and int(skipped.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((skipped.params, skipped.opt_state)),
+               (before.params, before.opt_state))
 
 
 def test_micro_batched_update_equals_the_whole_batch_update(loop):
@@ -183,24 +197,91 @@ def test_toy_reward_goes_up(loop):
   assert max(rewards[1:]) > rewards[0] + 0.01, rewards
 
 
-def test_resume_mid_round_equals_uninterrupted(ldm_dir, tmp_path):
-  straight, split = tmp_path / "straight", tmp_path / "split"
-  config = make_config(ldm_dir)
-  a = rounds.run(config, str(straight), reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
-  first = rounds.run(make_config(ldm_dir, stop_after_phase=1), str(split),
+@pytest.fixture(scope="module")
+def straight(ldm_dir, tmp_path_factory):
+  """One uninterrupted run of the test config (one round), for the resume tests to match."""
+  workdir = tmp_path_factory.mktemp("straight")
+  out = rounds.run(make_config(ldm_dir), str(workdir), reward_fn=reward_lib.mean_brightness,
+                   heldout_fn=darkness)
+  return out, checkpoint.restore_params(workdir)["state"]["params"]
+
+
+def assert_same_run(straight, out, workdir):
+  a, params_a = straight
+  assert a["queries"] == out["queries"] == 16
+  assert a["accepted_fraction"] == out["accepted_fraction"]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               params_a, checkpoint.restore_params(workdir)["state"]["params"])
+  assert a["heldout_after"] == pytest.approx(out["heldout_after"], rel=1e-5)
+
+
+def test_resume_mid_round_equals_uninterrupted(ldm_dir, straight, tmp_path):
+  first = rounds.run(make_config(ldm_dir, stop_after_phase=1), str(tmp_path),
                      reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
   assert first["rounds_done"] == 0  # stopped between stage 1 and stage 2 of round 0
-  b = rounds.run(config, str(split), reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
-  assert a["queries"] == b["queries"] == 16
-  assert a["accepted_fraction"] == b["accepted_fraction"]
-  params_a, params_b = (checkpoint.restore_params(w)["state"]["params"]
-                        for w in (straight, split))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
-               params_a, params_b)
-  assert a["heldout_after"] == pytest.approx(b["heldout_after"], rel=1e-5)
+  assert "stage 1 of 2 (stop_after_phase)" in first["unfinished"]
+  b = rounds.run(make_config(ldm_dir), str(tmp_path), reward_fn=reward_lib.mean_brightness,
+                 heldout_fn=darkness)
+  assert "unfinished" not in b
+  assert_same_run(straight, b, tmp_path)
   # The kept model samples through the public API.
-  pipeline = sampling.load_pipeline(a["best_checkpoint"])
-  assert pipeline.params["unet"].keys() == params_a.keys()
+  pipeline = sampling.load_pipeline(straight[0]["best_checkpoint"])
+  assert pipeline.params["unet"].keys() == straight[1].keys()
+
+
+def test_sigterm_finishes_the_stage_saves_and_the_rerun_ends_the_same(ldm_dir, straight,
+                                                                      tmp_path, monkeypatch):
+  stage1 = rounds.stage1
+
+  def sigterm_during_stage1(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-stage: the stage still runs to its end
+    return stage1(*args, **kwargs)
+
+  monkeypatch.setattr(rounds, "stage1", sigterm_during_stage1)
+  previous = signal.getsignal(signal.SIGTERM)
+  stopped = rounds.run(make_config(ldm_dir), str(tmp_path),
+                       reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert stopped["preempted"] == "SIGTERM" and stopped["rounds_done"] == 0
+  assert "after stage 1 of 2" in stopped["unfinished"]
+  saved = checkpoint.restore_params(tmp_path, fields=("step",))
+  assert saved["step"] == 1 and int(saved["state"]["step"]) == 2  # both inner epochs ran
+  monkeypatch.setattr(rounds, "stage1", stage1)
+  again = rounds.run(make_config(ldm_dir), str(tmp_path), reward_fn=reward_lib.mean_brightness,
+                     heldout_fn=darkness)
+  assert "unfinished" not in again and again["rounds_done"] == 1
+  assert_same_run(straight, again, tmp_path)
+
+
+def test_nan_heldout_readings_stop_the_run(loop, monkeypatch):
+  """A metric NaN from round 0 on measures nothing and is kept (the composite leaves it out);
+  one that round 0 measured turning NaN stops the run without recording the round."""
+  params = loop.pipeline.params
+  frozen = {"vae": params["vae"], "text": params["text"]}
+  progress = run_state.RunState.initial("")
+  nan = float("nan")
+  monkeypatch.setattr(loop, "heldout_fn", lambda images, prompts: {"darkness": 0.5,
+                                                                   "unread": nan})
+  progress.history.append(rounds.evaluate_round(loop, params["unet"], frozen, 0, progress))
+  monkeypatch.setattr(loop, "heldout_fn", lambda images, prompts: {"darkness": nan,
+                                                                   "unread": nan})
+  with pytest.raises(loop_lib.NonFiniteMetricError, match=r"\['darkness'\] are NaN/inf"):
+    rounds.evaluate_round(loop, params["unet"], frozen, 1, progress)
+  assert len(progress.history) == 1  # nothing recorded
+
+
+def test_run_state_round_trips_through_the_checkpoint_json():
+  progress = run_state.RunState(
+      selector=run_state.SelectorVersion(2, "/runs/selector/v2"), phase=3,
+      tracker={"a prompt": [0.5, 0.25]}, history=[{"round": 0, "reward": 0.5}], queries=16,
+      train_reward={0: 0.5, 1: float("nan")}, accepted_fraction={0: 0.25})
+  extras = json.loads(json.dumps(progress.to_json()))
+  assert set(extras["train_reward"]) == {"0", "1"}  # JSON object keys are strings
+  back = run_state.RunState.from_json(extras)
+  assert back.selector == progress.selector and back.train_reward.keys() == {0, 1}
+  assert np.isnan(back.train_reward[1])
+  back.train_reward[1] = progress.train_reward[1] = 0.0
+  assert back == progress
 
 
 class RiggedReward:

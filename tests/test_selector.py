@@ -1,5 +1,6 @@
 """Selector unit tests: losses, threshold and metrics by hand, the ratings reader, batches, model."""
 
+import functools
 import json
 import logging
 import math
@@ -288,6 +289,32 @@ def test_model_outputs_and_null_prompt():
   out64 = apply(bf, jnp.zeros((2, 64, 64, 3)), text[:2])
   assert out64["logit"].dtype == jnp.float32 and out64["criteria"].shape == (2, C)
   assert selector_lib.make_selector(json.loads(json.dumps(model.to_config()))) == model
+
+
+def test_train_step_skips_a_nan_batch():
+  """A NaN image makes the loss NaN: the step leaves params and optimizer state as they were,
+  advances the step and reports nonfinite = 1; a clean batch updates as usual."""
+  from fundax.selector import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fundax.train import optim  # pylint: disable=g-import-not-at-top
+  from fundax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  model = selector_lib.Selector(width=8, patch_size=4, stage_multipliers=(1,), head_dim=8,
+                                text_dim=4)
+  optimizer = optim.make_optimizer({"lr": 1e-2, "total_steps": 10, "warmup_steps": 0})
+  state = state_lib.create(selector_lib.init_params(model, jax.random.key(0), 16), optimizer)
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, optimizer=optimizer,
+                                   loss_weights=_LW))
+  clean = data_lib.sample_batch(_examples(), 0, 0, 8, pairs_per_batch=2)
+  bad = {**clean, "image": clean["image"].copy()}
+  bad["image"][0, 0, 0, 0] = np.nan
+  skipped, metrics = step(state, bad, jax.random.key(0))
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  assert int(skipped.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, (skipped.params, skipped.opt_state),
+               (state.params, state.opt_state))
+  updated, metrics = step(state, clean, jax.random.key(0))
+  assert float(metrics["nonfinite"]) == 0.0 and int(updated.step) == 1
+  assert not np.array_equal(updated.params["overall"]["kernel"],
+                            state.params["overall"]["kernel"])
 
 
 def test_graded_rows_from_a_tfds_style_source():

@@ -1,15 +1,20 @@
-"""The Selector end to end: the tiny config learns, writes its report, and scores from disk."""
+"""The Selector end to end: the tiny config learns, writes its report, scores from disk, and
+resumes after an interruption or a SIGTERM with the run an uninterrupted one gives."""
 
 import json
 import os
 import shutil
+import signal
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from fundax import checkpoint
 from fundax import configlib
 from fundax.data import phantom
+from fundax.selector import data as data_lib
 from fundax.selector import score as score_lib
 from fundax.selector import train as train_lib
 
@@ -71,13 +76,39 @@ def test_score_images_from_checkpoint(run, tmp_path):
   assert again[0]["accepted"] is False
 
 
-def test_resume_replays_the_same_run(run, tmp_path):
+def metric_rows(outputs):
+  """metrics.jsonl without its wall-clock times."""
+  return [{k: v for k, v in json.loads(line).items() if k != "time"}
+          for line in open(outputs["metrics"])]
+
+
+def test_resume_and_sigterm_replay_the_same_run(run, tmp_path, monkeypatch):
+  """An interruption after the step-100 checkpoint (the last checkpoint and the report lost),
+  a rerun SIGTERMed at step 131, and a second rerun: the uninterrupted run's params, threshold
+  and metrics, with no repeated metric lines."""
   config, workdir, out = run
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
-  # An interruption after the step-100 checkpoint: the last checkpoint and report are lost.
   shutil.rmtree(os.path.join(resumed, "checkpoints", str(config.num_steps)))
   os.remove(os.path.join(resumed, score_lib.EVAL_FILE))
+  sample_batch = data_lib.sample_batch
+
+  def sigterm_at_130(examples, seed, step, *args):
+    if step == 130:  # the batch of step 131: that step finishes, is saved, and the run stops
+      os.kill(os.getpid(), signal.SIGTERM)
+    return sample_batch(examples, seed, step, *args)
+
+  monkeypatch.setattr(data_lib, "sample_batch", sigterm_at_130)
+  stopped = train_lib.train_selector(config, resumed)
+  assert stopped["preempted"] == "SIGTERM" and "at step 131 of 200" in stopped["unfinished"]
+  assert "report" not in stopped and not os.path.exists(os.path.join(resumed,
+                                                                     score_lib.EVAL_FILE))
+  assert checkpoint.restore_params(resumed)["step"] == 131
+  monkeypatch.setattr(data_lib, "sample_batch", sample_batch)
   again = train_lib.train_selector(config, resumed)
+  assert "unfinished" not in again
+  jax.tree.map(np.testing.assert_array_equal,
+               checkpoint.restore_params(resumed)["state"]["params"],
+               checkpoint.restore_params(workdir)["state"]["params"])
   assert again["report"]["threshold"] == out["report"]["threshold"]
-  assert open(again["metrics"]).read() == open(out["metrics"]).read()  # no repeated lines
+  assert metric_rows(again) == metric_rows(out)

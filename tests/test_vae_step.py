@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tensorboardX import crc32c as crc32c_lib
+from tensorboardX.proto import event_pb2
+
 from fundax.models import discriminator as disc_lib
 from fundax.train import metric_writers
 from fundax.train import vae_step
@@ -46,38 +49,55 @@ def test_patch_discriminator_shape():
   assert logits.shape == (2, 6, 6, 1) and logits.dtype == jnp.float32
 
 
-def test_crc32c_check_value():
-  assert metric_writers.crc32c(b"123456789") == 0xE3069283  # the standard check value
+def read_events(directory):
+  """The Event protos of every event file in `directory`, parsed with tensorboardX's protos.
+
+  TFRecord framing: u64 length, u32 masked CRC of the length, the proto, u32 masked CRC of
+  the proto (both CRCs checked with tensorboardX's own CRC-32C).
+  """
+  events = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      header = data[i:i + 8]
+      (length,) = struct.unpack("<Q", header)
+      assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
+      payload = data[i + 12:i + 12 + length]
+      assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == (
+          masked_crc32c(payload))
+      events.append(event_pb2.Event.FromString(payload))
+      i += 16 + length
+  return events
 
 
-def read_records(path):
-  """Parses TFRecord framing, verifying both masked CRCs; returns the payloads."""
-  data, out, i = path.read_bytes(), [], 0
-  while i < len(data):
-    header = data[i:i + 8]
-    (length,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == metric_writers.masked_crc32c(header)
-    payload = data[i + 12:i + 12 + length]
-    crc = struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0]
-    assert crc == metric_writers.masked_crc32c(payload)
-    out.append(payload)
-    i += 16 + length
-  return out
+def masked_crc32c(data):
+  crc = crc32c_lib.crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def test_metric_writer_jsonl_events_and_resume(tmp_path):
   with metric_writers.MetricWriter(tmp_path) as writer:
     writer.write(1, {"loss": jnp.float32(0.5), "name": "skipped"})
-    writer.write(2, {"loss": 0.25})
+    writer.write(2, {"loss": 0.25, "nonfinite": 1.0})
     writer.write(2, {"loss": 1.0}, split="eval")
+    # Written through before close: a killed run leaves its records readable.
+    assert len(read_events(tmp_path / "tensorboard")) == 5
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"], r["loss"]) for r in records] == [
       (1, "train", 0.5), (2, "train", 0.25), (2, "eval", 1.0)]
   assert "name" not in records[0]
-  payloads = read_records(writer.events_path)
-  assert len(payloads) == 4 and b"brain.Event:2" in payloads[0]
-  assert b"train/loss" in payloads[2] and struct.pack("<f", 0.25) in payloads[2]
-  # Resuming from step 1 drops the records of steps that will be recomputed.
+  events = read_events(tmp_path / "tensorboard")
+  assert events[0].file_version == "brain.Event:2"
+  assert events[1].session_log.status == event_pb2.SessionLog.START and events[1].step == 1
+  scalars = [(e.step, v.tag, v.simple_value) for e in events[2:] for v in e.summary.value]
+  assert scalars == [(1, "train/loss", 0.5), (2, "train/loss", 0.25), (2, "train/nonfinite", 1.0),
+                     (2, "eval/loss", 1.0)]
+  # Resuming from step 1 drops the records of steps that will be recomputed, and a new event
+  # file tells TensorBoard to hide the old file's records from step 2 on.
   metric_writers.MetricWriter(tmp_path, resume_step=1).close()
   kept = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert kept == [1]
+  files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(files) == 2
+  purge = [e for e in read_events(tmp_path / "tensorboard") if e.HasField("session_log")]
+  assert sorted(e.step for e in purge) == [1, 2]

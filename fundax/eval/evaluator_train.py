@@ -4,9 +4,12 @@
 `config.data.first_seed`, a range used by no other fundax job: not by the Selector, which
 learns from human ratings and its own phantom seeds, nor by the phantom dataset the generator
 learns from), trains `evaluator.FundusEvaluator` with one loss per head, resumes from
-`workdir/checkpoints`, logs metrics as JSONL and writes the params directory
-`workdir/evaluator` plus held-out phantom scores per attribute (accuracy beside the
-majority-class rate, QWK, AUROC).
+`workdir/checkpoints`, logs metrics (`metrics.jsonl` and `tensorboard/`) and writes the params
+directory `workdir/evaluator` plus held-out phantom scores per attribute (accuracy beside the
+majority-class rate, QWK, AUROC). Its steps run in the shared `fundax.train.loop.train_loop`:
+a NaN/inf step is skipped (too many in a row stop the run), and SIGTERM or Ctrl-C saves the
+current step and returns "preempted" without the params directory or held-out scores, which
+only a finished run writes; the rerun resumes with the batches an uninterrupted run draws.
 
 Lesion grades are learnt only with help: most phantom eyes are healthy, so a plain
 cross-entropy head settles on "healthy" (the majority rate) before it sees a lesion. Three
@@ -15,18 +18,20 @@ inverse-frequency class weights in the loss (`balanced_class_weights`), and the 
 local-contrast input and max pooling, which make a few small dots visible to the heads.
 
 `fit` and `head_metrics` are shared with the TSTR utility classifier (eval/utility.py), which
-trains the same architecture from scratch on a single head.
+trains the same architecture from scratch on a single head (the same loop, without
+checkpoints or metrics files).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +45,9 @@ from fundax.data import labels as labels_lib
 from fundax.data import phantom
 from fundax.eval import consistency
 from fundax.eval import evaluator as evaluator_lib
+from fundax.train import guard
+from fundax.train import loop
+from fundax.train import metric_writers
 from fundax.train import optim
 from fundax.train import state as state_lib
 
@@ -50,7 +58,7 @@ CDR_LOSS_WEIGHT = 10.0  # CDR errors are ~0.1; this brings its MSE to the scale 
 _BALANCED = {"dr_grade": 5, "amd_stage": 4, "hypertensive_grade": 5, "quality": 3}
 BALANCE_PROB = 0.5  # chance that a balanced draw pins each of them, independently
 # Config fields that do not change the trained evaluator (left out of `run_key`).
-_OPERATIONAL = ("log_every", "checkpoint_every")
+_OPERATIONAL = ("log_every", "checkpoint_every", "max_nonfinite_steps")
 # Finished runs of the shipped recipes (configs/evaluator.py's tiny and default), keyed by
 # `run_key`: held-out table, metrics and params, ~1-5 MB each.
 SHIPPED = pathlib.Path(__file__).parent / "evaluators"
@@ -157,11 +165,15 @@ def loss_fn(model: evaluator_lib.FundusEvaluator, params, images, targets: Mappi
 def _compiled_step(model: evaluator_lib.FundusEvaluator, optim_items: tuple):
   optimizer = optim.make_optimizer(dict(optim_items))
 
-  def train_step(state, images, targets, class_weights):
+  def train_step(state, batch, rng, class_weights):
+    del rng  # the step draws no randomness: batches and flips are drawn on the host
     (loss, losses), grads = jax.value_and_grad(
-        lambda p: loss_fn(model, p, images, targets, class_weights), has_aux=True)(state.params)
-    state = state_lib.apply_gradients(state, grads, optimizer)
-    return state, {"loss": loss, **{f"loss_{k}": v for k, v in losses.items()}}
+        lambda p: loss_fn(model, p, batch["image"], batch["targets"], class_weights),
+        has_aux=True)(state.params)
+    new_state = state_lib.apply_gradients(state, grads, optimizer)
+    new_state, nonfinite = guard.keep_finite(state, new_state, guard.all_finite(loss, grads))
+    return new_state, {"loss": loss, "nonfinite": nonfinite,
+                       **{f"loss_{k}": v for k, v in losses.items()}}
   # One compiled program for the optimizer init instead of dozens of eager ops.
   init_state = jax.jit(lambda params: state_lib.create(params, optimizer))
   return optimizer, init_state, jax.jit(train_step, donate_argnums=0)
@@ -179,7 +191,10 @@ def make_train_step(model: evaluator_lib.FundusEvaluator, optim_config: Mapping)
 
   Returns:
     (optimizer, init_state(params) -> TrainState,
-     train_step(state, images, targets, class_weights) -> (state, metrics)).
+     train_step(state, batch, rng, class_weights) -> (state, metrics)): the batch is
+    {"image": [B, H, W, 3], "targets": {head: [B]}} (`train_batches`), rng is unused (None),
+    and a NaN/inf loss or gradient leaves the state's params and optimizer state as they were,
+    with metric `nonfinite = 1` (`fundax.train.guard`).
   """
   if hasattr(optim_config, "to_dict"):
     optim_config = optim_config.to_dict()
@@ -206,50 +221,67 @@ def mirror_half(images: np.ndarray, targets: Mapping[str, np.ndarray], seed: int
   return images, targets
 
 
+def train_batches(images: np.ndarray, targets: Mapping[str, np.ndarray], *, batch_size: int,
+                  seed: int, flip: bool, start: int = 0) -> Iterator[dict]:
+  """The batches of steps start + 1, start + 2, ...: `batch_indices` (and `mirror_half`).
+
+  Each batch is a function of (seed, step) only, so a run resumed at `start` draws the
+  batches an uninterrupted run draws.
+
+  Yields:
+    {"image": [B, H, W, 3], "targets": {head: [B]}}.
+  """
+  for step in itertools.count(start):
+    idx = batch_indices(len(images), batch_size, seed, step)
+    batch, batch_targets = images[idx], {k: v[idx] for k, v in targets.items()}
+    if flip:
+      batch, batch_targets = mirror_half(batch, batch_targets, seed, step)
+    yield {"image": batch, "targets": batch_targets}
+
+
 def fit(model, params, optim_config: Mapping, images: np.ndarray,
-        targets: Mapping[str, np.ndarray], *,
-        steps: int, batch_size: int, seed: int, start_step: int = 0, state=None,
+        targets: Mapping[str, np.ndarray], *, steps: int, batch_size: int, seed: int,
         class_weights: Mapping[str, np.ndarray] | None = None, flip: bool = False,
-        on_step: Callable[[int, object, dict], None] | None = None, desc: str = "train"):
-  """Trains `model` on in-memory arrays for `steps` optimizer steps.
+        desc: str = "train"):
+  """Trains `model` on in-memory arrays for `steps` optimizer steps, keeping no checkpoints.
+
+  The TSTR and C2ST classifiers' trainer (`train_evaluator` runs the same step and batches
+  with checkpoints and metrics). Runs `loop.train_loop` without a save function, so SIGTERM
+  and Ctrl-C keep their usual meaning (there is nothing to resume).
 
   Args:
     model: the evaluator module (any head set).
-    params: initial params (ignored when `state` is given).
+    params: initial params.
     optim_config: optimizer fields (fundax.train.optim), e.g. config.optim.
     images: [N, H, W, 3] float32.
     targets: head -> [N] targets.
     steps: total steps of the run.
     batch_size: examples per step.
     seed: batch-sampling seed.
-    start_step: first step to run (after a resume).
-    state: a restored TrainState to continue from.
     class_weights: {head: [K]} per-class loss weights of the categorical heads (e.g.
       `balanced_class_weights`); None: plain cross-entropy.
     flip: mirror a random half of each batch (a function of seed and step), turning each
       mirrored eye into the other one: its "laterality" target (0 right, 1 left) flips too.
       Doubles the distinct training images at no rendering cost.
-    on_step: called after each step with (step, state, metrics) (logging, checkpointing).
     desc: progress-bar label.
 
   Returns:
     The final TrainState.
+
+  Raises:
+    loop.NonFiniteLossError: ten steps in a row had a NaN/inf loss (each one skipped).
   """
   _, init_state, train_step = make_train_step(model, optim_config)
-  if state is None:
-    # A copy: the step donates the state, which must not delete the caller's params.
-    state = init_state(jax.tree.map(jnp.array, params))
+  # A copy: the step donates the state, which must not delete the caller's params.
+  state = init_state(jax.tree.map(jnp.array, params))
   if class_weights is None:
     class_weights = uniform_class_weights(dict(model.heads))
-  for step in tqdm.trange(start_step, steps, desc=desc, initial=start_step, total=steps):
-    idx = batch_indices(len(images), batch_size, seed, step)
-    batch, batch_targets = images[idx], {k: v[idx] for k, v in targets.items()}
-    if flip:
-      batch, batch_targets = mirror_half(batch, batch_targets, seed, step)
-    state, step_metrics = train_step(state, batch, batch_targets, class_weights)
-    if on_step is not None:
-      on_step(step + 1, state, step_metrics)
-  return state
+  result = loop.train_loop(
+      state, step_fn=train_step,
+      batches=train_batches(images, targets, batch_size=batch_size, seed=seed, flip=flip),
+      batch_keys=None, rng=None, extra=(class_weights,), num_steps=steps, writer=None,
+      log_every=max(1, steps // 10), checkpoint_every=steps, save=None, desc=desc)
+  return result.state
 
 
 def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
@@ -352,12 +384,17 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: from configs/evaluator.py.
-    workdir: output directory: checkpoints/, metrics.jsonl, phantom_*.npz caches,
-      evaluator/ (the params directory for `evaluator.load_evaluator`), heldout.json.
+    workdir: output directory: checkpoints/, metrics.jsonl, tensorboard/, phantom_*.npz
+      caches, evaluator/ (the params directory for `evaluator.load_evaluator`), heldout.json.
 
   Returns:
     {"evaluator_dir", "metrics", "heldout"}: paths, plus the held-out accuracies under
-    "heldout_accuracy".
+    "heldout_accuracy". A run stopped by SIGTERM or Ctrl-C (saved at its step) writes neither
+    evaluator/ nor heldout.json and returns {"checkpoints", "metrics", "unfinished",
+    "preempted"}.
+
+  Raises:
+    loop.NonFiniteLossError: `max_nonfinite_steps` NaN/inf steps in a row.
   """
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -372,7 +409,7 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   mconf = model_config(config)
   model = evaluator_lib.make_model(mconf)
-  _, init_state, _ = make_train_step(model, config.optim)
+  _, init_state, train_step = make_train_step(model, config.optim)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   fresh = lambda: init_state(evaluator_lib.init_params(model, rng_init, d.resolution))
   # Single-device training (the evaluator is small); restored arrays land on that device.
@@ -382,28 +419,31 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rng_init)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(init_state, params_shape))
-  metrics_path = work / "metrics.jsonl"
-  with checkpoint.make_manager(work, max_to_keep=1,
-                               save_interval_steps=config.checkpoint_every) as manager:
+  weights = (balanced_class_weights(train_targets, evaluator_lib.HEADS)
+             if config.class_balance else uniform_class_weights(evaluator_lib.HEADS))
+  with checkpoint.make_manager(work, max_to_keep=1) as manager:
     state, _, source = checkpoint.restore_or_init(manager, abstract, fresh)
     start = int(state.step)
     log.info("evaluator training from %s at step %d", source, start)
 
-    def on_step(step, state, step_metrics):
-      if step % config.log_every == 0 or step == config.optim.total_steps:
-        row = {"step": step, **{k: float(v) for k, v in jax.device_get(step_metrics).items()}}
-        with open(metrics_path, "a", encoding="utf-8") as f:
-          f.write(json.dumps(row) + "\n")
+    def save(step, state):
       checkpoint.save(manager, step, state, config=config.to_dict(), extras={"step": step})
 
-    weights = (balanced_class_weights(train_targets, evaluator_lib.HEADS)
-               if config.class_balance else None)
-    state = fit(model, None, config.optim, train_images, train_targets,
-                steps=config.optim.total_steps, batch_size=config.batch_size, seed=config.seed,
-                start_step=start, state=state, class_weights=weights, flip=config.flip,
-                on_step=on_step, desc="evaluator")
+    with metric_writers.MetricWriter(work, resume_step=start) as writer:
+      result = loop.train_loop(
+          state, step_fn=train_step,
+          batches=train_batches(train_images, train_targets, batch_size=config.batch_size,
+                                seed=config.seed, flip=config.flip, start=start),
+          batch_keys=None, rng=None, extra=(weights,), num_steps=config.optim.total_steps,
+          writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+          save=save, max_nonfinite=config.max_nonfinite_steps, desc="evaluator")
     checkpoint.wait(manager)
+  ended = loop.status(result, config.optim.total_steps)
+  if result.preempted:
+    return {"checkpoints": checkpoint.checkpoint_dir(work), "metrics": str(writer.jsonl_path),
+            **ended}
 
+  state = result.state
   heldout = head_metrics(evaluator_lib.predict(model, state.params, test_images), test_targets,
                          evaluator_lib.predict_proba(model, state.params, test_images))
   log.info("held-out phantom scores: %s", heldout)
@@ -412,5 +452,5 @@ def train_evaluator(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                extra={"train_config": config.to_dict(), "heldout": heldout})
   heldout_path = work / "heldout.json"
   heldout_path.write_text(json.dumps(heldout, indent=2))
-  return {"evaluator_dir": str(evaluator_dir), "metrics": str(metrics_path),
-          "heldout": str(heldout_path), "heldout_accuracy": heldout}
+  return {"evaluator_dir": str(evaluator_dir), "metrics": str(writer.jsonl_path),
+          "heldout": str(heldout_path), "heldout_accuracy": heldout, **ended}

@@ -8,7 +8,8 @@ held-out scores (accuracy beside the majority rate); sample grids per prompt
 (stamped SYNTHETIC by `fundax.images.make_grid`); per-attribute consistency confusion matrices; the
 privacy audit's closest generated/training pairs side by side; distribution plots (vessel
 fraction of generated images and phantoms, and the Selector's scores split by whether the
-evaluator sees the prompt honoured).
+evaluator sees the prompt honoured); then sections the caller adds, such as the main job's
+RLHF rounds (`rlhf_section`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import html
 import io
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -45,6 +47,12 @@ def png_base64(image: Image.Image) -> str:
   buf = io.BytesIO()
   image.save(buf, format="PNG")
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_file_base64(path: str | os.PathLike) -> str:
+  """A PNG (or any image) file as a data: URI."""
+  with Image.open(path) as image:
+    return png_base64(image)
 
 
 def figure_base64(fig) -> str:
@@ -173,6 +181,42 @@ def closest_pairs_html(pairs, generated, training, tile: int = 200) -> str:
     cells.append(f'<div class="pair">{_img(png_base64(grid), "closest pair")}<br>'
                  f"generated #{g} vs training #{t}: RMS {dist:.4f}</div>")
   return "".join(cells)
+
+
+def rlhf_section(history: Sequence[Mapping], *, best_round: int, stop_reason: str,
+                 curves: str, curves_queries: str, grid_before: str, grid_after: str) -> str:
+  """The main job's RLHF section of the report: the guard's verdict, every round's Selector
+  reward beside its held-out metrics, the curves and the before/after grids.
+
+  Args:
+    history: the RLHF run's rounds (`fundax.rl.rounds`' report.json "history"), round 0
+      first: each with "round", "reward", "composite", "metrics" (name -> value) and
+      optionally "queries" (cumulative Selector queries).
+    best_round: the round the guard kept (whose model the report's samples come from).
+    stop_reason: why the guard stopped the rounds ("" when it did not).
+    curves, curves_queries: PNGs of the reward and composite per round and per query.
+    grid_before, grid_after: PNGs of the held-out prompts at round 0 and at the kept round.
+
+  Returns:
+    An HTML section for `render(sections=...)`.
+  """
+  head = "".join(f"<th>{html.escape(k)}</th>" for k in history[0]["metrics"])
+  rows = "".join(
+      f"<tr><td>{h['round']}</td><td>{h.get('queries', 0)}</td><td>{h['reward']:.4f}</td>"
+      f"<td>{h['composite']:.4f}</td>"
+      + "".join(f"<td>{v:.4f}</td>" for v in h["metrics"].values()) + "</tr>" for h in history)
+  guard = html.escape(stop_reason or "no reward hacking detected")
+  images = "".join(f"<p>{html.escape(alt)}</p>{_img(png_file_base64(path), alt)}" for path, alt in (
+      (curves, "Selector reward and held-out composite per round"),
+      (curves_queries, "the same against cumulative Selector queries"),
+      (grid_before, "held-out prompts before RLHF (round 0)"),
+      (grid_after, f"held-out prompts at the kept round {best_round}")))
+  return (f"<h2>RLHF: {len(history) - 1} rounds, kept round {best_round}</h2>"
+          "<p>Samples above come from the kept model. The Selector's reward (its own score, "
+          "which the rounds optimise) is shown beside the independent evaluator's held-out "
+          f"metrics, which the guard watches: {guard}.</p>"
+          "<table><tr><th>round</th><th>Selector queries</th><th>Selector reward</th>"
+          f"<th>held-out composite</th>{head}</tr>{rows}</table>{images}")
 
 
 def render(metrics: Mapping, *, images, prompts: Sequence[str], training_images,

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -309,6 +309,11 @@ def _json_default(value):
 
 
 PHANTOM = "phantom"  # `evaluate_checkpoint(data=...)`: the phantom splits, rendered from seeds
+SAMPLES_DIR = "samples"  # `evaluate_checkpoint`'s generated PNGs, under its out_dir
+
+# `evaluate_checkpoint(data=...)`: (split, num) -> (`num` images of the split, at most, uint8
+# or float in [-1, 1]; their FundusLabels).
+Loader = Callable[[str, int], tuple[np.ndarray, list]]
 
 
 def phantom_data(split: str, num: int, resolution: int) -> tuple[np.ndarray, list]:
@@ -353,31 +358,40 @@ def read_prompts(path: str) -> list[str]:
 
 
 def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str | None = None,
-                        selector_dir: str | None = None, data: str = PHANTOM,
+                        selector_dir: str | None = None, data: str | Loader = PHANTOM,
                         data_dir: str | None = None, prompts: Sequence[str] | None = None,
                         num_prompts: int = 8, num_reference: int = 64, num_heldout: int = 32,
-                        config: Mapping | None = None) -> dict:
-  """`fundax evaluate`: generates from an LDM checkpoint and evaluates the images.
+                        config: Mapping | None = None, note: str = "",
+                        sections: Sequence[str] = ()) -> dict:
+  """Generates from an LDM checkpoint and evaluates the images: `fundax evaluate` and the main
+  job's report stage.
 
   Args:
-    checkpoint_dir: an LDM trainer's workdir or checkpoints directory.
+    checkpoint_dir: an LDM trainer's workdir or checkpoints directory, or an RLHF run's best/.
     out_dir: output directory: metrics.json, report.html, samples/*.png (and evaluator_run/
       when no evaluator is given).
     evaluator_dir: a trained evaluator (`train_evaluator`'s workdir/evaluator); None trains the
       tiny one (configs/evaluator.py:tiny) into out_dir/evaluator_run first: a smoke test.
     selector_dir: a Selector workdir; its scores of the samples are shown beside the metrics.
-    data: PHANTOM (the reference is the phantom train split the LDM learns from, rendered from
-      its seeds; held-out images and default prompts come from the test split) or the name of a
-      built fundax dataset in `data_dir` (its train and test splits likewise).
+    data: where the reference and held-out images come from: PHANTOM (the reference is the
+      phantom train split the LDM learns from, rendered from its seeds; held-out images and
+      default prompts come from the test split), the name of a built fundax dataset in
+      `data_dir` (its train and test splits likewise, randomly drawn), or a `Loader` (the main
+      job's: the first images of its own dataset's splits).
     data_dir: TFDS data directory of a built dataset.
-    prompts: distinct prompts; None: captions of the first `num_prompts` held-out images.
+    prompts: distinct prompts; None: the first `num_prompts` distinct captions of the held-out
+      images (`captions.caption`, the captions fundax datasets store).
     num_prompts: prompts drawn when none are given.
     num_reference: reference (training) images for fidelity and the privacy audit.
     num_heldout: labelled held-out images for the TSTR utility classifier; 0 skips it.
     config: overrides of DEFAULTS (samples_per_prompt, num_steps, guidance_scale, ...).
+    note: what the images are, shown at the top of the report after the counts (PHANTOM and
+      dataset names describe their data themselves).
+    sections: HTML sections appended to the report (`fundax.eval.report`, e.g. RLHF rounds).
 
   Returns:
-    As `evaluate`, plus "samples" (the PNG paths).
+    As `evaluate`, plus "samples" (the PNG paths) and "accepted_by_selector" (the share of the
+    samples the Selector accepts; None without one).
 
   Raises:
     ValueError: bad sizes or an empty prompt list, before any generation.
@@ -404,37 +418,47 @@ def evaluate_checkpoint(checkpoint_dir: str, out_dir: str, *, evaluator_dir: str
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   num_labelled = max(num_heldout, 0 if prompts else num_prompts)
-  if data == PHANTOM:
+  if callable(data):
+    load, data_note = data, ""
+  elif data == PHANTOM:
     resolution = int(job_data.get("resolution", 128))
     load = lambda split, num: phantom_data(split, num, resolution)
-    note = ("Reference: the first images of the phantom train split (what a phantom-trained "
-            "LDM learns from); held-out images and default prompts: its test split.")
+    data_note = ("Reference: the first images of the phantom train split (what a "
+                 "phantom-trained LDM learns from); held-out images and default prompts: its "
+                 "test split.")
   else:
     load = lambda split, num: dataset_data(data, data_dir, split, num, config["seed"])
-    note = f"Reference: {data} train split; held-out images and default prompts: its test split."
+    data_note = (f"Reference: {data} train split; held-out images and default prompts: its "
+                 "test split.")
   reference, reference_labels = load("train", num_reference)
   heldout, heldout_labels = load("test", num_labelled) if num_labelled else (None, [])
   if prompts is None:
-    prompts = list(dict.fromkeys(captions.caption(l) for l in heldout_labels[:num_prompts]))
+    prompts = list(dict.fromkeys(captions.caption(l) for l in heldout_labels))[:num_prompts]
   if evaluator_dir is None:
     from fundax import configlib  # pylint: disable=g-import-not-at-top
     from fundax.eval import evaluator_train  # pylint: disable=g-import-not-at-top
     log.warning("no evaluator given: training the tiny one (a smoke test; its grades are weak)")
-    evaluator_dir = evaluator_train.train_evaluator(
-        configlib.load_config("evaluator:tiny"), str(out / "evaluator_run"))[
-            "evaluator_dir"]
+    trained = evaluator_train.train_evaluator(configlib.load_config("evaluator:tiny"),
+                                              str(out / "evaluator_run"))
+    if "preempted" in trained:  # saved at its step: the CLI exits 75, a rerun resumes it
+      return trained
+    evaluator_dir = trained["evaluator_dir"]
   images, repeated = generate_from_checkpoint(pipeline, prompts, config)
-  samples = images_lib.save_pngs(images, out / "samples")
+  samples = images_lib.save_pngs(images, out / SAMPLES_DIR)
   scores = None
   if selector_dir is not None:
     from fundax.selector import score  # pylint: disable=g-import-not-at-top
-    scores = [r["score"] for r in score.score_images(selector_dir, samples, repeated)]
+    scores = score.score_images(selector_dir, samples, repeated)
   graded = [i for i, l in enumerate(heldout_labels[:num_heldout]) if l.dr_grade is not None]
+  counts = (f"{len(images)} images generated from {os.path.abspath(checkpoint_dir)} for "
+            f"{len(prompts)} prompts, against {len(reference)} reference images"
+            + (f"; TSTR tested on {len(graded)} held-out images." if graded else "."))
   results = evaluate(
       images, repeated, evaluator_dir=evaluator_dir, reference_images=reference,
       out_dir=out_dir, reference_labels=reference_labels,
       heldout_images=heldout[graded] if graded else None,
       heldout_labels=[heldout_labels[i] for i in graded] if graded else None,
-      selector_scores=scores, config=config,
-      note=f"Images generated from {os.path.abspath(checkpoint_dir)}. {note}")
-  return {**results, "samples": samples}
+      selector_scores=None if scores is None else [r["score"] for r in scores], config=config,
+      note=" ".join(filter(None, (counts, data_note, note))), sections=sections)
+  accepted = None if scores is None else float(np.mean([r["accepted"] for r in scores]))
+  return {**results, "samples": samples, "accepted_by_selector": accepted}

@@ -116,6 +116,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
     log.info("ablation arm %s", arm)
     out = rounds.run(arm_config(config, arm), str(workdir / arm), reward_fn=reward_fn,
                      heldout_fn=heldout_fn)
+    if "preempted" in out:  # the arm saved its stage; a rerun resumes it (and reuses the rest)
+      return {"workdir": str(workdir), "unfinished": f"arm {arm}: {out['unfinished']}",
+              "preempted": out["preempted"]}
     results[arm] = out
     histories[arm] = json.loads(pathlib.Path(out["report_json"]).read_text())["history"]
   table = _table(results)

@@ -12,7 +12,10 @@ the sampler's exact Gaussian log-prob (`fundax.diffusion.steps`). One update
      the PPO-clipped surrogate and the KL to the reference model, and adds the gradient to the
      scan's running sum. The batch goes through in `micro_batches` equal parts (an inner
      scan), so memory holds one UNet backward on B / micro_batches trajectories at a time;
-  3. applies one optimizer update with the mean gradient (the same for any micro_batches).
+  3. applies one optimizer update with the mean gradient (the same for any micro_batches),
+     unless the loss or the gradient is NaN/inf: then the params and optimizer state stay as
+     they were and the metric `nonfinite` is 1 (`fundax.train.guard`; the RLHF loop counts
+     them).
 
 The KL of one step is exact: both policies' steps are Gaussians with the same std (it depends on
 the schedule only), so KL = |mean_theta - mean_ref|^2 / (2 std^2). Log-ratios and the KL are per
@@ -43,6 +46,7 @@ import optax
 from fundax.diffusion import steps
 from fundax.models import ldm as ldm_lib
 from fundax.rl import rollout as rollout_lib
+from fundax.train import guard
 from fundax.train import state as state_lib
 
 
@@ -119,7 +123,8 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
     stochastic: host int array of the trainable step indices (`rollout.stochastic_steps`).
 
   Returns:
-    (new state, metrics).
+    (new state, metrics); metrics["nonfinite"] is 1 when a NaN/inf loss or gradient left the
+    state's params and optimizer state unchanged.
   """
   rng = jax.random.fold_in(rng, state.step)
   latents, old_log_probs = batch["latents"], batch["log_probs"]
@@ -190,4 +195,7 @@ def ddpo_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: ja
   grads = jax.tree.map(lambda g: g / (count * parts), grads_sum)
   metrics = {k: v / (count * parts) for k, v in metrics_sum.items()}
   metrics["grad_norm"] = optax.global_norm(grads)
-  return state_lib.apply_gradients(state, grads, tx), metrics
+  new_state = state_lib.apply_gradients(state, grads, tx)
+  new_state, metrics["nonfinite"] = guard.keep_finite(
+      state, new_state, guard.all_finite(metrics["loss"], grads))
+  return new_state, metrics

@@ -18,13 +18,18 @@ The policy starts from the LDM checkpoint's EMA UNet (its raw params when it has
 is also the frozen reference of the KL penalty and of the negative signal. Round 0 is the
 starting model, evaluated before any update. A checkpoint is written after
 every stage (Orbax step = stages completed) holding the policy's train state, the reference
-params and the frozen VAE and text encoder, with extras for everything on the host: the
-per-prompt reward buffers, the round history, the Selector version and path, the number of
-reward queries. All randomness is a function of (seed, round, stage, iteration) or of the
-optimizer step, so a run interrupted after any stage and rerun with the same command ends
-exactly where an uninterrupted run does. Checkpoints describe themselves (the LDM's model
-configs and tokenizer), so `fundax.sampling.load_pipeline(<workdir>/best)` samples from the
-kept model.
+params and the frozen VAE and text encoder, with everything on the host as its JSON extras: the
+typed `fundax.rl.run_state.RunState` (the per-prompt reward buffers, the round history, the
+Selector version and path, the number of reward queries). All randomness is a function of
+(seed, round, stage, iteration) or of the optimizer step, so a run interrupted after any stage
+and rerun with the same command ends exactly where an uninterrupted run does. Checkpoints
+describe themselves (the LDM's model configs and tokenizer), so
+`fundax.sampling.load_pipeline(<workdir>/best)` samples from the kept model.
+
+Robustness is the training loop's (`fundax.train.loop`), with a stage as the unit of work:
+SIGTERM or Ctrl-C finishes the current stage, saves it and returns "preempted" (the CLI exits
+75); the DDPO and RWR updates skip NaN/inf steps (`fundax.train.guard`) and too many in a row
+stop the run; NaN/inf params are never saved; NaN/inf held-out readings stop the run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +66,9 @@ from fundax.rl import prompts as prompts_lib
 from fundax.rl import report
 from fundax.rl import reward as reward_lib
 from fundax.rl import rollout as rollout_lib
+from fundax.rl import run_state
 from fundax.rl import rwr
+from fundax.train import loop as loop_lib
 from fundax.train import metric_writers
 from fundax.train import optim
 from fundax.train import state as state_lib
@@ -253,7 +261,19 @@ def _threshold(reward_fn, rewards) -> float:
   return float(np.median(rewards)) if threshold is None else float(threshold)
 
 
-def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
+def _count_update(nonfinite: loop_lib.NonFiniteCounter, step: int, metrics) -> None:
+  """Counts an update the guard skipped (`nonfinite = 1`); stops after too many in a row."""
+  nonfinite.add(step, metrics)
+  if nonfinite.resolve():
+    raise loop_lib.NonFiniteLossError(
+        f"{nonfinite.run} consecutive RLHF updates (up to update {step}) had a non-finite loss "
+        f"or gradients and were skipped ({nonfinite.total} in this run); stopping. The last "
+        "checkpoint (after the last finished stage) is the last good state: lower optim.lr, "
+        "then rerun to resume from it")
+
+
+def stage1(loop: Loop, state, reference, frozen, round_, run: run_state.RunState, writer,
+           nonfinite: loop_lib.NonFiniteCounter):
   """Stage 1 of a round: rollouts, advantages, DDPO updates. Returns (state, train rewards)."""
   c = loop.config
   rewards_seen = []
@@ -261,10 +281,10 @@ def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
     texts, key = loop.draw(round_, 0, it)
     ro = loop.sample(state.params, frozen, texts, key)
     rewards = loop.reward(np.asarray(ro.images), texts)
-    extras["queries"] += len(texts)
+    run.queries += len(texts)
     rewards_seen.append(rewards)
-    adv, extras["tracker"], info = advantages_lib.compute_advantages(
-        extras["tracker"], texts, rewards, buffer_size=c.stage1.buffer_size,
+    adv, run.tracker, info = advantages_lib.compute_advantages(
+        run.tracker, texts, rewards, buffer_size=c.stage1.buffer_size,
         min_count=c.stage1.min_count, clip=c.stage1.advantage_clip,
         fallback=c.stage1.advantage_fallback)
     batch = {**loop.shard({"latents": ro.latents, "log_probs": ro.log_probs}, axis=1),
@@ -275,17 +295,19 @@ def stage1(loop: Loop, state, reference, frozen, round_, extras, writer):
     for _ in range(c.stage1.inner_epochs):
       state, metrics = loop.ddpo_fn(state, batch, loop.rng_stage1, {"reference": reference})
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _count_update(nonfinite, int(state.step), metrics)
       writer.write(int(state.step), {
           **metrics, "round": round_, "reward_mean": float(rewards.mean()),
           "reward_std": float(rewards.std()), "advantage_mean": float(adv.mean()),
           "advantage_std": float(adv.std()), "advantage_abs_max": float(np.abs(adv).max()),
-          "per_prompt_fraction": info["per_prompt_fraction"], "queries": extras["queries"]},
-                   split="stage1")
+          "per_prompt_fraction": info["per_prompt_fraction"], "queries": run.queries,
+          "nonfinite_total": nonfinite.total}, split="stage1")
   mean = float(np.concatenate(rewards_seen).mean()) if rewards_seen else float("nan")
   return state, mean
 
 
-def stage2(loop: Loop, state, reference, frozen, round_, extras, writer):
+def stage2(loop: Loop, state, reference, frozen, round_, run: run_state.RunState, writer,
+           nonfinite: loop_lib.NonFiniteCounter):
   """Stage 2 of a round. Returns (state, accepted fraction, last candidates or None)."""
   c = loop.config
   accepted_all, last = [], None
@@ -294,7 +316,7 @@ def stage2(loop: Loop, state, reference, frozen, round_, extras, writer):
     ro = loop.sample(state.params, frozen, texts, key)
     images = np.asarray(ro.images)
     rewards = loop.reward(images, texts)
-    extras["queries"] += len(texts)
+    run.queries += len(texts)
     accepted = rewards >= _threshold(loop.reward, rewards)
     accepted_all.append(accepted)
     weights = rwr.reward_weights(rewards, accepted, c.stage2.temperature)
@@ -309,9 +331,11 @@ def stage2(loop: Loop, state, reference, frozen, round_, extras, writer):
       state, metrics = loop.rwr_fn(state, batch, loop.rng_stage2,
                                    {"vae": frozen["vae"], "reference": reference})
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _count_update(nonfinite, int(state.step), metrics)
       writer.write(int(state.step), {
           **metrics, "round": round_, "accepted_fraction": float(accepted.mean()),
-          "reward_mean": float(rewards.mean()), "queries": extras["queries"]}, split="stage2")
+          "reward_mean": float(rewards.mean()), "queries": run.queries,
+          "nonfinite_total": nonfinite.total}, split="stage2")
     last = (images, texts)
   fraction = float(np.concatenate(accepted_all).mean()) if accepted_all else float("nan")
   return state, fraction, last
@@ -330,23 +354,42 @@ def heldout_images(loop: Loop, params, frozen) -> tuple[np.ndarray, list[str]]:
   return np.concatenate(out), texts
 
 
-def evaluate_round(loop: Loop, params, frozen, round_, extras) -> dict[str, Any]:
-  """The held-out record of a round (Selector reward, independent metrics, composite)."""
+def evaluate_round(loop: Loop, params, frozen, round_, run: run_state.RunState
+                   ) -> dict[str, Any]:
+  """The held-out record of a round (Selector reward, independent metrics, composite).
+
+  A metric may be NaN from round 0 on where it measures nothing (e.g. consistency when the
+  evaluator reads none of the prompts' attributes); the composite leaves it out. A reward, or
+  a metric that round 0 measured, turning NaN/inf means non-finite images.
+
+  Raises:
+    loop_lib.NonFiniteMetricError: such a reading is NaN/inf; it is not recorded, and the
+      last checkpoint stays the last good state.
+  """
   images, texts = heldout_images(loop, params, frozen)
-  directory = loop.workdir / HELDOUT_DIR
-  directory.mkdir(parents=True, exist_ok=True)
-  np.save(directory / f"round_{round_:03d}.npy", images)
   metrics = loop.heldout_fn(images, texts)
-  history = extras["history"]
+  history = run.history
   baseline = history[0]["metrics"] if history else metrics
   record = {"round": round_, "reward": float(loop.reward(images, texts).mean()),
             "composite": guard.composite(metrics, baseline), "metrics": metrics,
-            "queries": extras["queries"], "selector_version": extras["selector"]["version"]}
+            "queries": run.queries, "selector_version": run.selector.version}
+  directory = loop.workdir / HELDOUT_DIR
   if history:
     best = history[guard.best_index(history)]
     best_images = np.load(directory / f"round_{best['round']:03d}.npy")
     # The best round rescored by today's Selector: rewards of two Selector versions differ.
     record["best_reward_now"] = float(loop.reward(best_images, texts).mean())
+  measured = {k: v for k, v in metrics.items() if math.isfinite(float(baseline.get(k, 0.0)))}
+  readings = {"reward": record["reward"],
+              "best_reward_now": record.get("best_reward_now", 0.0), **measured}
+  bad = sorted(name for name, value in readings.items() if not math.isfinite(float(value)))
+  if bad:
+    raise loop_lib.NonFiniteMetricError(
+        f"round {round_}: the held-out readings {bad} are NaN/inf (the policy gives non-finite "
+        "images); stopping instead of recording them. The last checkpoint (after the last "
+        "finished stage) is the last good state: lower optim.lr, then rerun to resume")
+  directory.mkdir(parents=True, exist_ok=True)
+  np.save(directory / f"round_{round_:03d}.npy", images)
   return record
 
 
@@ -362,15 +405,57 @@ def _save_best(loop: Loop, params, frozen, round_) -> None:
     manager.close()
 
 
-def _initial_extras(config) -> dict[str, Any]:
-  return {"phase": 0, "tracker": {}, "history": [], "queries": 0, "stop_reason": "",
-          "selector": {"version": 0, "path": config.selector_checkpoint},
-          "train_reward": {}, "accepted_fraction": {}}
+def _record_round(loop: Loop, progress: run_state.RunState, record: dict[str, Any], params,
+                  frozen, step: int, writer) -> None:
+  """Adds an evaluated round to the history and the metrics; keeps its model if it is best."""
+  progress.history.append(record)
+  writer.write(step, {"reward": record["reward"], "composite": record["composite"],
+                      **record["metrics"]}, split="heldout")
+  if guard.best_index(progress.history) == len(progress.history) - 1:
+    _save_best(loop, params, frozen, record["round"])
+
+
+def _stage(loop: Loop, db: str, progress: run_state.RunState, state, reference, frozen, writer,
+           nonfinite: loop_lib.NonFiniteCounter):
+  """Runs stage `progress.phase` (stage 1 or 2 of its round) and records it; returns the state.
+
+  Stage 2 ends its round: rating feedback (if enabled), the held-out evaluation, the kept
+  model and the guard's verdict.
+  """
+  config = loop.config
+  round_, stage = divmod(progress.phase, 2)
+  if stage == 0:
+    state, progress.train_reward[round_] = stage1(loop, state, reference, frozen, round_,
+                                                  progress, writer, nonfinite)
+    return state
+  state, fraction, last = stage2(loop, state, reference, frozen, round_, progress, writer,
+                                 nonfinite)
+  progress.accepted_fraction[round_] = fraction
+  if config.feedback.enabled and last is not None:
+    _feedback(loop, db, last, round_, int(state.step), progress)
+  record = evaluate_round(loop, state.params, frozen, round_ + 1, progress)
+  record.update(train_reward=progress.train_reward.get(round_, float("nan")),
+                accepted_fraction=fraction)
+  _record_round(loop, progress, record, state.params, frozen, int(state.step), writer)
+  if config.guard.enabled:
+    stop, reason = guard.check(progress.history, config.guard.tolerance)
+    if stop:
+      log.warning("reward-hacking guard: %s; keeping round %d", reason,
+                  progress.history[guard.best_index(progress.history)]["round"])
+      progress.stop_reason = reason
+  return state
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
         heldout_fn=None) -> dict[str, Any]:
   """Runs (or resumes) the RLHF rounds; the entry point of `fundax rlhf` and the main job.
+
+  SIGTERM or a first Ctrl-C lets the current stage finish (a Selector retrained inside it
+  too), saves its checkpoint and returns "preempted"; a second Ctrl-C stops at once. An
+  update whose loss or gradients are NaN/inf is skipped (`fundax.train.guard`), and
+  `max_nonfinite_steps` of them in a row stop the run; NaN/inf params are never saved, and
+  NaN/inf held-out readings stop the run instead of being recorded (the errors of
+  `fundax.train.loop`). Rerunning the same command resumes after the last saved stage.
 
   Args:
     config: a configs/rlhf.py config (ldm_checkpoint, selector_checkpoint and
@@ -384,7 +469,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
     Output name -> path or figure: workdir, checkpoints, best_checkpoint, metrics, report
     files, best_round, stopped, accepted_fraction, and the Selector reward, composite and
     held-out metrics before any update (`*_before`), after the last round (`*_after`) and of
-    the kept round (`*_kept`, the model in `best/`).
+    the kept round (`*_kept`, the model in `best/`); with "unfinished" when
+    `stop_after_phase` ended the run early. A preempted run returns only workdir,
+    checkpoints, metrics, rounds_done, "unfinished" and "preempted" (the signal's name).
+
+  Raises:
+    loop_lib.NonFiniteLossError, loop_lib.NonFiniteWeightsError,
+    loop_lib.NonFiniteMetricError: see above.
   """
   check_config(config, need_selector=reward_fn is None, need_evaluator=heldout_fn is None)
   if config.feedback.retrain_selector and reward_fn is not None:
@@ -404,66 +495,65 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, reward_fn=None,
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
   tree, extras, source = checkpoint.restore_or_init(
       manager, abstract, lambda: jax.jit(make_tree, out_shardings=replicated)())
-  extras = extras or _initial_extras(config)
+  progress = (run_state.RunState.from_json(extras) if extras
+              else run_state.RunState.initial(config.selector_checkpoint))
   state, reference, frozen = tree["state"], tree["reference"], tree["frozen"]
-  log.info("RLHF state from %s: %d stages done, %d updates", source, extras["phase"],
+  log.info("RLHF state from %s: %d stages done, %d updates", source, progress.phase,
            int(state.step))
-  if reward_fn is None and extras["selector"]["version"]:
+  if reward_fn is None and progress.selector.version:
     loop.reward = reward_lib.load_selector_reward(
-        extras["selector"]["path"], extras["selector"]["version"], config.reward_batch_size)
+        progress.selector.path, progress.selector.version, config.reward_batch_size)
   writer = metric_writers.MetricWriter(workdir, resume_step=int(state.step))
   db = config.feedback.db or str(workdir / "feedback" / "ratings.sqlite")
+  phases = 2 * config.num_rounds
+  stop_at = config.stop_after_phase or phases
+  nonfinite = loop_lib.NonFiniteCounter(config.max_nonfinite_steps)
+
+  def save():
+    loop_lib.check_weights(state, progress.phase)
+    checkpoint.save(manager, progress.phase, {"state": state, "reference": reference,
+                                              "frozen": frozen},
+                    config={**loop.ldm_meta, "rlhf": config.to_dict()},
+                    extras=progress.to_json())
+
   try:
-    if not extras["history"]:
-      record = evaluate_round(loop, reference, frozen, 0, extras)
-      extras["history"].append(record)
-      writer.write(0, {"reward": record["reward"], "composite": record["composite"],
-                       **record["metrics"]}, split="heldout")
-      _save_best(loop, reference, frozen, 0)
-    phases = 2 * config.num_rounds
-    bar = tqdm.tqdm(total=phases, initial=extras["phase"], desc="rlhf", unit="stage")
-    while extras["phase"] < phases and not extras["stop_reason"]:
-      round_, stage = divmod(extras["phase"], 2)
-      if stage == 0:
-        state, mean = stage1(loop, state, reference, frozen, round_, extras, writer)
-        extras["train_reward"][str(round_)] = mean
-      else:
-        state, fraction, last = stage2(loop, state, reference, frozen, round_, extras, writer)
-        extras["accepted_fraction"][str(round_)] = fraction
-        if config.feedback.enabled and last is not None:
-          _feedback(loop, config, workdir, db, last, round_, int(state.step), extras)
-        record = evaluate_round(loop, state.params, frozen, round_ + 1, extras)
-        record.update(train_reward=extras["train_reward"].get(str(round_), float("nan")),
-                      accepted_fraction=fraction)
-        extras["history"].append(record)
-        writer.write(int(state.step), {"reward": record["reward"],
-                                       "composite": record["composite"],
-                                       **record["metrics"]}, split="heldout")
-        if guard.best_index(extras["history"]) == len(extras["history"]) - 1:
-          _save_best(loop, state.params, frozen, round_ + 1)
-        if config.guard.enabled:
-          stop, reason = guard.check(extras["history"], config.guard.tolerance)
-          if stop:
-            log.warning("reward-hacking guard: %s; keeping round %d", reason,
-                        extras["history"][guard.best_index(extras["history"])]["round"])
-            extras["stop_reason"] = reason
-      extras["phase"] += 1
-      checkpoint.save(manager, extras["phase"], {"state": state, "reference": reference,
-                                                 "frozen": frozen},
-                      config={**loop.ldm_meta, "rlhf": config.to_dict()}, extras=extras)
-      bar.update(1)
-      if config.stop_after_phase and extras["phase"] >= config.stop_after_phase:
-        break
-    bar.close()
+    with loop_lib.Preemption() as preemption:
+      if not progress.history:
+        record = evaluate_round(loop, reference, frozen, 0, progress)
+        _record_round(loop, progress, record, reference, frozen, 0, writer)
+        if preemption.signal:
+          save()  # round 0 evaluated: saved as stage 0, so the rerun does not repeat it
+      with tqdm.tqdm(total=phases, initial=progress.phase, desc="rlhf", unit="stage") as bar:
+        while (progress.phase < min(phases, stop_at) and not progress.stop_reason
+               and not preemption.signal):
+          state = _stage(loop, db, progress, state, reference, frozen, writer, nonfinite)
+          progress.phase += 1
+          save()
+          bar.update(1)
+      preempted = preemption.signal
   finally:
     checkpoint.wait(manager)
     manager.close()
     writer.close()
-  return _outputs(loop, workdir, extras, writer)
+  if preempted:
+    log.warning("preempted (%s): saved the checkpoint after stage %d; rerun to resume",
+                preempted, progress.phase)
+    return {"workdir": str(workdir), "checkpoints": checkpoint.checkpoint_dir(workdir),
+            "metrics": str(writer.jsonl_path), "rounds_done": len(progress.history) - 1,
+            "unfinished": f"preempted ({preempted}) after stage {progress.phase} of {phases}, "
+                          "saved; rerun the command to resume",
+            "preempted": preempted}
+  out = _outputs(loop, workdir, progress, writer)
+  if progress.phase < phases and not progress.stop_reason:
+    out["unfinished"] = (f"stopped after stage {progress.phase} of {phases} "
+                         "(stop_after_phase), saved; rerun without it to finish")
+  return out
 
 
-def _feedback(loop, config, workdir, db, last, round_, step, extras) -> None:
+def _feedback(loop: Loop, db: str, last, round_: int, step: int,
+              progress: run_state.RunState) -> None:
   """Pushes the round's last candidates to the rating store; retrains the Selector if asked."""
+  config, workdir = loop.config, loop.workdir
   images, texts = last
   media = workdir / "feedback"
   counts = feedback.push_candidates(
@@ -471,23 +561,25 @@ def _feedback(loop, config, workdir, db, last, round_, step, extras) -> None:
       model_step=step, media=media, simulated=config.feedback.simulate, rater_seed=config.seed)
   log.info("round %d feedback: %s", round_, counts)
   if config.feedback.retrain_selector:
-    version = extras["selector"]["version"] + 1
-    result = feedback.retrain_selector(db, extras["selector"]["path"],
+    version = progress.selector.version + 1
+    result = feedback.retrain_selector(db, progress.selector.path,
                                        workdir / "selector" / f"v{version}",
                                        config.feedback.selector)
-    extras["selector"] = {"version": version, "path": result["workdir"]}
+    progress.selector = run_state.SelectorVersion(version, result["workdir"])
     loop.reward = reward_lib.load_selector_reward(result["workdir"], version,
                                                   config.reward_batch_size)
 
 
-def _outputs(loop: Loop, workdir: pathlib.Path, extras, writer) -> dict[str, Any]:
-  history = extras["history"]
+def _outputs(loop: Loop, workdir: pathlib.Path, progress: run_state.RunState,
+             writer) -> dict[str, Any]:
+  """The run's outputs for the CLI and the main job; writes the report."""
+  history = progress.history
   best = history[guard.best_index(history)]
   prompts = [p for p in loop.prompt_set.heldout for _ in range(loop.config.guard.samples_per_prompt)]
   load = lambda r: np.load(workdir / HELDOUT_DIR / f"round_{r:03d}.npy")
   summary = {"history": history, "best_round": best["round"],
-             "stopped": bool(extras["stop_reason"]), "stop_reason": extras["stop_reason"],
-             "queries": extras["queries"], "selector": extras["selector"],
+             "stopped": bool(progress.stop_reason), "stop_reason": progress.stop_reason,
+             "queries": progress.queries, "selector": dataclasses.asdict(progress.selector),
              "heldout_prompts": list(loop.prompt_set.heldout)}
   paths = report.write_report(workdir / "report", summary, before=(load(0), prompts),
                               after=(load(best["round"]), prompts))
@@ -496,8 +588,8 @@ def _outputs(loop: Loop, workdir: pathlib.Path, extras, writer) -> dict[str, Any
   return {"workdir": str(workdir), "checkpoints": checkpoint.checkpoint_dir(workdir),
           "best_checkpoint": str(workdir / BEST_DIR), "metrics": str(writer.jsonl_path),
           **paths, "best_round": best["round"], "rounds_done": len(history) - 1,
-          "stopped": bool(extras["stop_reason"]), "stop_reason": extras["stop_reason"],
-          "queries": extras["queries"], "reward_before": history[0]["reward"],
+          "stopped": bool(progress.stop_reason), "stop_reason": progress.stop_reason,
+          "queries": progress.queries, "reward_before": history[0]["reward"],
           "reward_after": last["reward"], "composite_before": history[0]["composite"],
           "composite_after": last["composite"], "accepted_fraction": fractions,
           "heldout_before": history[0]["metrics"], "heldout_after": last["metrics"],

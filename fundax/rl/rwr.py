@@ -17,6 +17,9 @@ KTO-style negative signal for rejected candidates:
 which asks the policy to fit a rejected sample *worse* than the frozen reference does, through
 a saturating (bounded) loss rather than a negated MSE that would diverge.
 
+An update whose loss or gradients are NaN/inf is skipped (`fundax.train.guard`): the params and
+optimizer state stay as they were and the metric `nonfinite` is 1 (the RLHF loop counts them).
+
 Step config fields (`config.stage2`, static): pretrain_weight, negative_weight, negative_beta,
 snr_gamma.
 """
@@ -33,6 +36,7 @@ import optax
 from fundax.diffusion import losses
 from fundax.diffusion import schedules
 from fundax.models import ldm as ldm_lib
+from fundax.train import guard
 from fundax.train import ldm_step
 from fundax.train import state as state_lib
 
@@ -91,7 +95,8 @@ def rwr_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax
     config: stage-2 config (see the module docstring).
 
   Returns:
-    (new state, metrics): loss, rwr_loss, pretrain_loss, negative_loss, grad_norm.
+    (new state, metrics): loss, rwr_loss, pretrain_loss, negative_loss, grad_norm, and
+    nonfinite (1 when a NaN/inf loss or gradient left the state unchanged).
   """
   rng = jax.random.fold_in(rng, state.step)
   rng_noise, rng_latent = jax.random.split(rng)
@@ -126,4 +131,7 @@ def rwr_update_step(state: state_lib.TrainState, batch: dict[str, Any], rng: jax
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
-  return state_lib.apply_gradients(state, grads, tx), metrics
+  new_state = state_lib.apply_gradients(state, grads, tx)
+  new_state, metrics["nonfinite"] = guard.keep_finite(state, new_state,
+                                                      guard.all_finite(loss, grads))
+  return new_state, metrics

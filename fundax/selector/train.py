@@ -2,28 +2,32 @@
 
 The run: embed the prompts with the frozen text encoder, build the training table and the
 held-out tables (`fundax.selector.data`), create or restore the sharded train state
-(`fundax.checkpoint`), run `train_step` under one jit with progress and metrics JSONL, then
-score the held-out sets, choose the acceptance threshold (`fundax.selector.threshold`) and
-write `selector_eval.json` and the plots. The threshold is chosen on held-out *ratings* when
-they have both accepted and rejected images, else on the held-out graded images.
+(`fundax.checkpoint`), run `train_step` under one jit in the shared `fundax.train.loop.train_loop`
+(progress bar, `metrics.jsonl` + TensorBoard, checkpoints, SIGTERM/Ctrl-C: save and stop,
+NaN/inf steps skipped), then score the held-out sets, choose the acceptance threshold
+(`fundax.selector.threshold`) and write `selector_eval.json` and the plots. The threshold is
+chosen on held-out *ratings* when they have both accepted and rejected images, else on the
+held-out graded images.
 
 Batches depend only on (seed, process, step) and the step's randomness is `fold_in(rng, step)`,
-so an interrupted run resumes from its last checkpoint without repeating or skipping work.
+so an interrupted run resumes from its last checkpoint without repeating or skipping work. A
+preempted run saves at its current step and returns "preempted" without the held-out report.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import optax
-import tqdm
 
 from fundax import checkpoint
 from fundax import parallel
@@ -35,12 +39,13 @@ from fundax.selector import score as score_lib
 from fundax.selector import synthetic
 from fundax.selector import text as text_lib
 from fundax.selector import threshold as threshold_lib
+from fundax.train import guard
+from fundax.train import loop
+from fundax.train import metric_writers
 from fundax.train import optim
 from fundax.train import state as state_lib
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
@@ -58,7 +63,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: ja
     loss_weights: multiplier of each loss term.
 
   Returns:
-    `(new state, metrics)`.
+    `(new state, metrics)`; a NaN/inf loss or gradient leaves the params and optimizer state
+    as they were and reports `nonfinite = 1` (`fundax.train.guard`).
   """
   del rng
 
@@ -66,9 +72,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: ja
     out = model.apply({"params": params}, batch["image"], batch["text"], batch["has_text"])
     return losses.selector_loss(out, batch, loss_weights)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics["grad_norm"] = optax.global_norm(grads)  # logged to catch divergence early
-  return state_lib.apply_gradients(state, grads, optimizer), metrics
+  new_state = state_lib.apply_gradients(state, grads, optimizer)
+  new_state, metrics["nonfinite"] = guard.keep_finite(state, new_state,
+                                                      guard.all_finite(loss, grads))
+  return new_state, metrics
 
 
 def _builder_examples(builder: data_lib.ExamplesBuilder) -> data_lib.Examples | None:
@@ -119,16 +128,6 @@ def load_data(config: Any, workdir: str) -> dict[str, data_lib.Examples | None]:
     data_lib.add_ratings(rated, held_ratings, held_pairs, r.crop_fov)
   return {"train": train.build(), "graded": _builder_examples(graded),
           "ratings": _builder_examples(rated)}
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops metrics lines logged after `step`: a resumed run logs those steps again."""
-  if not os.path.isfile(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(kept)
 
 
 def _finite(x: Any) -> Any:
@@ -194,6 +193,20 @@ def _write_report(reports: dict[str, Any], config: Any, workdir: str, step: int)
   return report
 
 
+def train_batches(examples: data_lib.Examples, config: Any, start: int, mesh: jax.sharding.Mesh
+                  ) -> Iterator[dict[str, jax.Array]]:
+  """The global batches of steps start + 1, start + 2, ... (`data.sample_batch` of each step).
+
+  Each process draws its own rows, a function of (seed, process, step) only, so a run resumed
+  at `start` gets the batches an uninterrupted run gets.
+  """
+  local_batch = config.batch_size // jax.process_count()
+  for step in itertools.count(start):
+    batch = data_lib.sample_batch(examples, [config.seed, jax.process_index()], step,
+                                  local_batch, config.pairs_per_batch)
+    yield parallel.host_local_to_global(batch, mesh)
+
+
 def train_selector(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains the Selector, evaluates it on held-out data and writes everything to `workdir`.
 
@@ -202,7 +215,12 @@ def train_selector(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     workdir: output directory; an existing run there is resumed.
 
   Returns:
-    {"workdir", "checkpoints", "metrics", "eval_report" (path), "report" (dict)} for the CLI.
+    {"workdir", "checkpoints", "metrics", "eval_report" (path), "report" (dict)} for the CLI;
+    a run stopped by SIGTERM or Ctrl-C (saved at its step) returns the first three with
+    "unfinished" and "preempted" instead of the report.
+
+  Raises:
+    loop.NonFiniteLossError: `max_nonfinite_steps` NaN/inf steps in a row.
   """
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -241,26 +259,28 @@ def train_selector(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   start = int(state.step)
   log.info("Selector: %d training rows, %d pairs; starting at step %d (%s)",
            data["train"].num_rows, data["train"].num_pairs, start, source)
-  local_batch = config.batch_size // jax.process_count()
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  _truncate_metrics(metrics_path, start)
-  with open(metrics_path, "a", encoding="utf-8") as mf, \
-      tqdm.tqdm(total=config.num_steps, initial=start, desc="selector", unit="step") as bar:
-    for step in range(start, config.num_steps):
-      batch = data_lib.sample_batch(data["train"], [config.seed, jax.process_index()], step,
-                                    local_batch, config.pairs_per_batch)
-      state, metrics = step_fn(state, parallel.host_local_to_global(batch, mesh), rng_train)
-      done = step + 1
-      if done % config.log_every == 0 or done == config.num_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        mf.write(json.dumps({"step": done, **metrics}) + "\n")
-        mf.flush()
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-      if done % config.checkpoint_every == 0 or done == config.num_steps:
-        checkpoint.save(manager, done, state, config=meta, extras={})
-      bar.update(1)
-  checkpoint.wait(manager)
-  manager.close()
+
+  def save(step, state):
+    checkpoint.save(manager, step, state, config=meta, extras={})
+
+  writer = metric_writers.MetricWriter(workdir, resume_step=start)
+  try:
+    result = loop.train_loop(
+        state, step_fn=step_fn, batches=train_batches(data["train"], config, start, mesh),
+        batch_keys=None, rng=rng_train, num_steps=config.num_steps, writer=writer,
+        log_every=config.log_every, checkpoint_every=config.checkpoint_every, save=save,
+        # A Selector retrained in RLHF takes the job config of its checkpoint, which may
+        # predate the field.
+        max_nonfinite=config.get("max_nonfinite_steps", 10), desc="selector")
+  finally:
+    checkpoint.wait(manager)
+    manager.close()
+    writer.close()
+  state = result.state
+  out = {"workdir": workdir, "checkpoints": checkpoint.checkpoint_dir(workdir),
+         "metrics": str(writer.jsonl_path), **loop.status(result, config.num_steps)}
+  if result.preempted:
+    return out
 
   predict = score_lib.make_predict(model, mesh, config.eval_batch_size)
   reports = {name: evaluate_heldout(predict, state.params, data[name], config.target_precision,
@@ -270,6 +290,4 @@ def train_selector(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
   t = report["threshold"]
   log.info("Selector threshold %.4f (%s): precision %.3f, recall %.3f", t["threshold"],
            report["threshold_source"], t["precision"], t["recall"])
-  return {"workdir": workdir, "checkpoints": checkpoint.checkpoint_dir(workdir),
-          "metrics": metrics_path, "eval_report": os.path.join(workdir, score_lib.EVAL_FILE),
-          "report": report}
+  return {**out, "eval_report": os.path.join(workdir, score_lib.EVAL_FILE), "report": report}

@@ -1,11 +1,15 @@
 """Loop helpers shared by the trainers: data setup, the step loop, evaluation, grids.
 
-This module owns what every `fundax.trainers.*.run` does around its pure step function:
-checking the config fields every trainer shares before any compute (`check_common`), building
-the dataset a config names, making train/eval batch iterators, and `train_loop`, which runs the
-jitted step from the state's step to `num_steps` with a progress bar, records metrics, calls
+This module owns what every trainer does around its pure step function: checking the config
+fields every trainer shares before any compute (`check_common`), building the dataset a config
+names, making train/eval batch iterators, and `train_loop`, which runs the jitted step from the
+state's step to `num_steps` with a progress bar, records metrics (`MetricWriter`), calls
 periodic hooks (evaluation, sample grids) and saves checkpoints whose extras carry the
 data-iterator position, so that a rerun resumes exactly where the last checkpoint left off.
+The VAE and LDM trainers, the Selector (`fundax.selector.train`) and the evaluator
+(`fundax.eval.evaluator_train`) all run `train_loop`; the RLHF rounds (`fundax.rl.rounds`),
+whose unit of work is a stage rather than a step, use its `Preemption`, `NonFiniteCounter` and
+`check_weights` directly.
 
 Ways a run ends early, each leaving a checkpoint to resume from:
   * preemption: SIGTERM (what Cloud TPU, Kubernetes and SLURM send before they stop a job) or
@@ -23,6 +27,7 @@ Ways a run ends early, each leaving a checkpoint to resume from:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -238,11 +243,19 @@ class LoopResult(NamedTuple):
   nonfinite_steps: int
 
 
-class _Preemption:
-  """Catches SIGTERM and SIGINT while the loop runs (main thread only); restores the old
-  handlers on exit."""
+class Preemption:
+  """Catches SIGTERM and SIGINT while a training loop runs; restores the old handlers on exit.
+
+  The first signal sets `signal` (its name) and the loop finishes its unit of work (a step, an
+  RLHF stage), saves and returns; a second Ctrl-C raises KeyboardInterrupt at once. Handlers
+  can be installed from the main thread only; elsewhere `signal` stays "". A context entered
+  while another is active (a Selector retrained inside an RLHF stage) installs nothing and
+  never sets `signal`: the outer one holds the signal, so the inner loop runs to its end and
+  the outer unit of work is finished and saved whole.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  _active: Preemption | None = None  # the context whose handlers are installed
 
   def __init__(self):
     self.signal = ""
@@ -257,13 +270,17 @@ class _Preemption:
                 "at once, without saving)", self.signal)
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if (Preemption._active is None
+        and threading.current_thread() is threading.main_thread()):
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      Preemption._active = self
     return self
 
   def __exit__(self, *exc):
-    for s, handler in self._previous.items():
-      signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set from C
+    if Preemption._active is self:
+      for s, handler in self._previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set from C
+      Preemption._active = None
 
 
 @jax.jit
@@ -274,8 +291,11 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
-def _check_weights(state: Any, step: int) -> None:
-  """Raises NonFiniteWeightsError when the state's params or EMA params hold NaN/inf."""
+def check_weights(state: Any, step: int) -> None:
+  """Raises NonFiniteWeightsError when the state's params or EMA params hold NaN/inf.
+
+  Called before every save, so that the last checkpoint is always the last good state.
+  """
   weights = {name: getattr(state, name, None) for name in ("params", "ema_params")}
   bad = [name for name, tree in weights.items()
          if tree is not None and not bool(_all_finite(tree))]
@@ -286,11 +306,12 @@ def _check_weights(state: Any, step: int) -> None:
         "to resume from it")
 
 
-class _NonFiniteCounter:
-  """Counts skipped (NaN/inf) steps; raises after `limit` in a row.
+class NonFiniteCounter:
+  """Counts skipped (NaN/inf) steps, i.e. metrics with `nonfinite = 1` (`fundax.train.guard`).
 
-  Flags are read one step late (after the next step is dispatched), so the host never waits
-  for the device just to look at them.
+  `add` queues a step's flag and `resolve` reads the queued ones; `train_loop` resolves one
+  step late (after the next step is dispatched), so the host never waits for the device just
+  to look at a flag. `resolve` returns True once `limit` steps in a row were skipped.
   """
 
   def __init__(self, limit: int):
@@ -317,28 +338,37 @@ class _NonFiniteCounter:
     return self.run >= self.limit
 
 
-def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBatchIterator,
-               batch_keys: Sequence[str], rng: jax.Array, extra: Sequence[Any] = (),
-               num_steps: int, writer: metric_writers.MetricWriter, log_every: int,
-               checkpoint_every: int, save: Callable[[int, Any], None],
-               hooks: Sequence[Hook] = (), max_nonfinite: int = 10) -> LoopResult:
+def train_loop(state: Any, *, step_fn: Callable, batches: Iterator[dict[str, Any]],
+               batch_keys: Sequence[str] | None, rng: jax.Array, extra: Sequence[Any] = (),
+               num_steps: int, writer: metric_writers.MetricWriter | None, log_every: int,
+               checkpoint_every: int, save: Callable[[int, Any], None] | None,
+               hooks: Sequence[Hook] = (), max_nonfinite: int = 10,
+               desc: str = "train") -> LoopResult:
   """Runs `state = step_fn(state, batch, rng, *extra)` from `state.step` up to `num_steps`.
+
+  Every trainer runs its steps here: the VAE and the LDM, the Selector, the evaluator (and
+  the TSTR / C2ST classifiers, which keep no checkpoints).
 
   Args:
     state: the (restored or fresh) train state; its `step` says where to start.
     step_fn: the jitted step (`parallel.jit_step`); it donates the state it is given. Its
-      metrics may hold "nonfinite" (1 when the step skipped its update, `fundax.train.guard`).
-    batches: the train iterator, already positioned (`set_state`) for a resumed run.
-    batch_keys: batch fields the step reads.
+      metrics hold "loss" and may hold "nonfinite" (1 when the step skipped its update,
+      `fundax.train.guard`).
+    batches: yields the batch of each step in order, already positioned (`set_state`, or
+      started at the state's step) for a resumed run.
+    batch_keys: batch fields the step reads; None: the whole batch.
     rng: the run's train key (the step folds in the step number).
     extra: further step arguments (e.g. the frozen networks' params).
     num_steps: the step to stop at.
-    writer: metric writer.
-    log_every: steps between train-metric records.
+    writer: metric writer; None records nothing.
+    log_every: steps between train-metric records (and progress-bar loss updates).
     checkpoint_every: steps between checkpoints; the last step is always saved.
     save: `save(step, state)` writes a checkpoint (with the data position in its extras).
+      None: a run that keeps no checkpoints, which therefore leaves SIGTERM and Ctrl-C alone
+      (there is nothing to save or resume) and checks no weights.
     hooks: periodic actions, run after the step's checkpoint decision.
     max_nonfinite: consecutive skipped (non-finite) steps after which the run stops.
+    desc: the progress bar's label.
 
   Returns:
     A `LoopResult`. On SIGTERM or SIGINT the current step is finished and saved, hooks are
@@ -354,32 +384,38 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
   if start >= num_steps:
     log.info("nothing to do: the state is at step %d of %d", start, num_steps)
     return LoopResult(state, "", 0)
-  nonfinite = _NonFiniteCounter(max_nonfinite)
-  with _Preemption() as preemption, tqdm.tqdm(
-      total=num_steps, initial=start, desc="train", unit="step",
+  nonfinite = NonFiniteCounter(max_nonfinite)
+  # Without checkpoints a Preemption is never entered: its `signal` stays "".
+  signals = Preemption() if save is not None else contextlib.nullcontext(Preemption())
+  with signals as preemption, tqdm.tqdm(
+      total=num_steps, initial=start, desc=desc, unit="step",
       disable=jax.process_index() != 0) as bar:
     for step in range(start + 1, num_steps + 1):
-      batch = select(next(batches), batch_keys)
-      state, metrics = step_fn(state, batch, rng, *extra)
+      batch = next(batches)
+      state, metrics = step_fn(state, batch if batch_keys is None else select(batch, batch_keys),
+                               rng, *extra)
       stop = nonfinite.resolve()  # the previous step's flag
       nonfinite.add(step, metrics)
       last = step == num_steps
       if step % log_every == 0 or last:
         stop = nonfinite.resolve() or stop
         metrics = jax.device_get(metrics)
-        writer.write(step, {**metrics, "nonfinite_total": nonfinite.total})
+        if writer is not None:
+          writer.write(step, {**metrics, "nonfinite_total": nonfinite.total})
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
       if last:
         stop = nonfinite.resolve() or stop
-      if step % checkpoint_every == 0 or last or stop or preemption.signal:
-        _check_weights(state, step)
+      if save is not None and (step % checkpoint_every == 0 or last or stop
+                               or preemption.signal):
+        check_weights(state, step)
         save(step, state)
       if stop:
         raise NonFiniteLossError(
             f"{nonfinite.run} consecutive steps (up to step {step}) had a non-finite loss or "
-            f"gradients and were skipped ({nonfinite.total} in this run); stopping. The last "
-            f"finite state is saved at step {step}: lower optim.lr or check the data, then "
-            "rerun to resume")
+            f"gradients and were skipped ({nonfinite.total} in this run); stopping. "
+            + (f"The last finite state is saved at step {step}: lower optim.lr or check the "
+               "data, then rerun to resume" if save is not None else
+               "Lower the learning rate or check the data"))
       if preemption.signal:
         log.warning("preempted (%s): saved a checkpoint at step %d; rerun to resume",
                     preemption.signal, step)
@@ -392,16 +428,15 @@ def train_loop(state: Any, *, step_fn: Callable, batches: pipeline_lib.GlobalBat
   return LoopResult(state, "", nonfinite.total)
 
 
-def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: LoopResult,
-            samples_dir: pathlib.Path, num_steps: int) -> dict[str, str]:
-  """What a trainer's `run` returns for the CLI to print: output name -> path (or note).
+def status(result: LoopResult, num_steps: int) -> dict[str, str]:
+  """The output entries that say how a run ended, for a trainer's outputs ({} when done).
 
   A run that ended before `num_steps` (a signal, or `stop_at_step`) says so under
   "unfinished", so that callers (the main job) do not take its checkpoint for a finished model;
   a preempted one also names the signal under "preempted" (the CLI exits with its own code).
+  Skipped NaN/inf updates are counted under "nonfinite_steps".
   """
-  out = {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
-         "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir)}
+  out = {}
   step = int(jax.device_get(result.state.step))
   if result.preempted:
     out["unfinished"] = (f"preempted ({result.preempted}) at step {step} of {num_steps}, saved; "
@@ -413,3 +448,12 @@ def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: 
   if result.nonfinite_steps:
     out["nonfinite_steps"] = f"{result.nonfinite_steps} updates skipped (NaN/inf loss)"
   return out
+
+
+def outputs(workdir: pathlib.Path, writer: metric_writers.MetricWriter, result: LoopResult,
+            samples_dir: pathlib.Path, num_steps: int) -> dict[str, str]:
+  """What the VAE and LDM trainers' `run` returns for the CLI to print: output name -> path
+  (or note), with `status`'s entries."""
+  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path),
+          "checkpoints": checkpoint.checkpoint_dir(workdir), "samples": str(samples_dir),
+          **status(result, num_steps)}

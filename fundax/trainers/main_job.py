@@ -11,25 +11,29 @@
   selector   train the Selector reward model (fundax.selector.train)
   rlhf       rounds of two-stage RLHF (fundax.rl.rounds) from the LDM, rewarded by the Selector,
              with simulated raters and the reward-hacking guard judged by the evaluator
-  report     sample from the model RLHF kept, score the samples with the Selector and write the
-             independent evaluation report (fundax.eval.run.evaluate) beside those scores, with
-             the RLHF rounds' curves and before/after grids
+  report     the independent evaluation of the model RLHF kept, by the function `fundax
+             evaluate` runs (fundax.eval.run.evaluate_checkpoint) on the job's dataset, with the
+             Selector's scores beside it and the RLHF rounds' curves and before/after grids
 
-A stage is a function of the `Job` (config, workdir, and the outputs of the stages before it)
-returning a JSON-able record of its outputs (paths, key metrics). A finished stage writes
-`<workdir>/stages/<name>.json`; a rerun skips it and reads its outputs back, while a stage that
-was interrupted resumes from its own checkpoints (every trainer resumes from its workdir). A
-trainer stopped before its last step (SIGTERM: preemption) leaves its stage unmarked and the
-job stops there, so no later stage builds on a half-trained model.
+A stage is a function of the `Job` (config, workdir, and the results of the stages before it)
+returning its typed result (fundax.trainers.stage_results: paths, key metrics). A finished
+stage writes `<workdir>/stages/<name>.json` (the result, its times and settings); a rerun skips
+it and reads the result back, while a stage that was interrupted resumes from its own
+checkpoints (every trainer resumes from its workdir). A stage file that does not hold its
+stage's result (damaged, or written by an older fundax) stops the job with a `StageFileError`
+naming it, rather than running the stage again unasked; delete the file to rerun the stage. A
+trainer stopped before its last step (SIGTERM: preemption) returns `Unfinished`: its stage is
+left unmarked and the job stops there, so no later stage builds on a half-trained model.
 `<workdir>/summary.json` is rewritten after every stage with per-stage wall and CPU times and
-the key metrics. A new stage is a `Stage` in `STAGES`; it finds earlier outputs (the LDM
-checkpoint, the Selector, the evaluator, the RLHF-kept model) in `job.results`.
+the key metrics. A new stage is a `Stage` in `STAGES` with its result class and a field of
+`Results`; it finds earlier results (the LDM checkpoint, the Selector, the evaluator, the
+RLHF-kept model) as typed fields of `job.results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
+import functools
 import json
 import logging
 import os
@@ -42,9 +46,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from fundax import images as images_lib
 from fundax import sampling
 from fundax.data import captions as captions_lib
 from fundax.data import datasets
@@ -57,29 +59,31 @@ from fundax.eval import evaluator_train
 from fundax.eval import report as eval_report
 from fundax.eval import run as eval_run
 from fundax.rl import rounds
-from fundax.selector import score as selector_score
 from fundax.selector import train as selector_train
 from fundax.train import loop
 from fundax.trainers import ldm as ldm_trainer
 from fundax.trainers import vae as vae_trainer
+from fundax.trainers.stage_results import (DataResult, EvaluatorResult, GridsResult, ReportResult,
+                                           Results, RlhfResult, SelectorResult, StageResult,
+                                           TrainResult, Unfinished)
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Job:
-  """What a stage sees: the config, the workdir, the dataset and earlier stages' outputs.
+  """What a stage sees: the config, the workdir, the dataset and earlier stages' results.
 
   Attributes:
     config: the main job's config (configs/main.py).
     workdir: the job's output directory.
     data: the resolved `data` section (data_dir filled in) every stage reads.
-    results: stage name -> the outputs record it returned (or a rerun read back).
+    results: the result each finished stage returned (or a rerun read back).
   """
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   data: ml_collections.ConfigDict
-  results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  results: Results = dataclasses.field(default_factory=Results)
 
   def stage_config(self, name: str) -> ml_collections.ConfigDict:
     """A copy of section `name` with references resolved and the job's dataset as `data`."""
@@ -100,13 +104,20 @@ class Stage:
   """One step of the main job.
 
   Attributes:
-    name: the stage's name (its marker file and `job.results` key).
-    fn: `fn(job) -> outputs`, a JSON-able dict of paths and key metrics.
+    name: the stage's name (its marker file and its field of `Results`).
+    fn: `fn(job) -> result`, an instance of `result`, or `Unfinished` when a trainer stopped
+      before its end.
+    result: the class of its result (what a rerun reads its stage file back as).
     sections: the config sections it reads (recorded, to warn when a rerun changed them).
   """
   name: str
-  fn: Callable[[Job], dict[str, Any]]
+  fn: Callable[[Job], StageResult | Unfinished]
+  result: type[StageResult]
   sections: tuple[str, ...]
+
+
+class StageFileError(ValueError):
+  """A stages/<name>.json that does not hold its stage's result (damaged, or an older layout)."""
 
 
 def _last_row(metrics_path: str, split: str) -> dict[str, float]:
@@ -120,18 +131,18 @@ def _last_row(metrics_path: str, split: str) -> dict[str, float]:
   return {k: v for k, v in last.items() if k not in ("split", "time")}
 
 
-def _decode_split(data: ml_collections.ConfigDict, split: str, num: int, resolution: int):
-  """The first `num` examples of a split: (images float [N, R, R, 3] in [-1, 1], labels, captions)."""
+def _decode_split(data: ml_collections.ConfigDict, split: str, num: int, *, resolution: int):
+  """The first `num` examples of a split: (images float [N, R, R, 3] in [-1, 1], labels)."""
   source = datasets.load_from_config(data, split)
   examples = [features.decode_example(source[i]) for i in range(min(num, len(source)))]
   if not examples:
     raise ValueError(f"the {split} split of {data.name} is empty")
   images = np.stack([pipeline.to_float(pipeline.resize(e["image"], resolution))
                      for e in examples])
-  return images, [e["labels"] for e in examples], [e["caption"] for e in examples]
+  return images, [e["labels"] for e in examples]
 
 
-def data_stage(job: Job) -> dict[str, Any]:
+def data_stage(job: Job) -> DataResult:
   """Builds the phantom dataset, writes its statistics and a preview grid."""
   c = job.config
   build = datasets.build_from_config(job.data)
@@ -145,23 +156,28 @@ def data_stage(job: Job) -> dict[str, Any]:
       title=f"fundax phantom, {job.data.resolution} px, split {c.preview.split}")
   preview_path = job.workdir / "preview.png"
   grid.save(preview_path)
-  return {"dataset": build["data_dir"], "splits": build["splits"], "stats": str(stats_path),
-          "preview": str(preview_path)}
+  return DataResult(dataset=build["data_dir"], splits=build["splits"], stats=str(stats_path),
+                    preview=str(preview_path))
 
 
-def vae_stage(job: Job) -> dict[str, Any]:
+def _trained(outputs: dict[str, str]) -> TrainResult | Unfinished:
+  """A trainer's `run` outputs as its stage's result, with its last train and eval records."""
+  if stop := Unfinished.of(outputs):
+    return stop
+  return TrainResult.from_outputs(outputs, train=_last_row(outputs["metrics"], "train"),
+                                  eval=_last_row(outputs["metrics"], "eval"))
+
+
+def vae_stage(job: Job) -> TrainResult | Unfinished:
   """Trains (or resumes) the VAE in `<workdir>/vae`."""
-  outputs = vae_trainer.run(job.stage_config("vae"), str(job.workdir / "vae"))
-  return {**outputs, "eval": _last_row(outputs["metrics"], "eval")}
+  return _trained(vae_trainer.run(job.stage_config("vae"), str(job.workdir / "vae")))
 
 
-def ldm_stage(job: Job) -> dict[str, Any]:
+def ldm_stage(job: Job) -> TrainResult | Unfinished:
   """Trains (or resumes) the LDM in `<workdir>/ldm` on the VAE stage's autoencoder."""
   config = job.stage_config("ldm")
-  config.vae_checkpoint = job.results["vae"]["checkpoints"]
-  outputs = ldm_trainer.run(config, str(job.workdir / "ldm"))
-  return {**outputs, "train": _last_row(outputs["metrics"], "train"),
-          "eval": _last_row(outputs["metrics"], "eval")}
+  config.vae_checkpoint = job.results.vae.checkpoints
+  return _trained(ldm_trainer.run(config, str(job.workdir / "ldm")))
 
 
 def grid_prompts(grade: int, laterality: str, num: int, first_seed: int) -> list[str]:
@@ -182,10 +198,10 @@ def grid_prompts(grade: int, laterality: str, num: int, first_seed: int) -> list
           for i in range(num)]
 
 
-def grids_stage(job: Job) -> dict[str, Any]:
+def grids_stage(job: Job) -> GridsResult:
   """One sample grid per DR grade and eye, plus an overview with one sample of each."""
   g = job.config.grids
-  pipe = sampling.load_pipeline(job.results["ldm"]["checkpoints"])
+  pipe = sampling.load_pipeline(job.results.ldm.checkpoints)
   generate_fn = sampling.make_generate_fn(pipe.models, sampler=g.sampler, num_steps=g.num_steps)
   key = jax.random.key(job.config.seed)
   out_dir = job.workdir / "grids"
@@ -207,10 +223,10 @@ def grids_stage(job: Job) -> dict[str, Any]:
   loop.save_grid(overview_path, np.stack(list(overview.values())), list(overview),
                  synthetic=True, columns=len(g.grades),
                  title="fundax LDM: one sample per DR grade (columns) and eye (rows)")
-  return {"grids": grids, "overview": str(overview_path)}
+  return GridsResult(grids=grids, overview=str(overview_path))
 
 
-def evaluator_stage(job: Job) -> dict[str, Any]:
+def evaluator_stage(job: Job) -> EvaluatorResult | Unfinished:
   """Trains (or resumes, or reuses) the independent evaluator.
 
   With `evaluator_cache` set, the run is keyed by the evaluator config (and the trainer's
@@ -227,121 +243,110 @@ def evaluator_stage(job: Job) -> dict[str, Any]:
     finished = evaluator_train.finished_run(workdir)
   if finished is not None:
     log.info("evaluator: reusing the finished run %s (same config)", workdir)
-    return {**finished, "reused": True}
-  return {**evaluator_train.train_evaluator(config, str(workdir)), "reused": False}
+    return EvaluatorResult.from_outputs(finished, reused=True)
+  outputs = evaluator_train.train_evaluator(config, str(workdir))
+  if stop := Unfinished.of(outputs):
+    return stop
+  return EvaluatorResult.from_outputs(outputs, reused=False)
 
 
-def selector_stage(job: Job) -> dict[str, Any]:
+def selector_stage(job: Job) -> SelectorResult | Unfinished:
   """Trains (or resumes) the Selector in `<workdir>/selector`."""
   outputs = selector_train.train_selector(job.stage_config("selector"),
                                           str(job.workdir / "selector"))
-  report = outputs.pop("report")
+  if stop := Unfinished.of(outputs):
+    return stop
+  report = outputs["report"]
   source = report["threshold_source"]
-  return {**outputs, "threshold": report["threshold"], "threshold_source": source,
-          "heldout_auroc": report["heldout"][source].get("auroc")}
+  return SelectorResult.from_outputs(outputs, threshold=report["threshold"],
+                                     threshold_source=source,
+                                     heldout_auroc=report["heldout"][source].get("auroc"))
 
 
-def _rlhf_inputs(config: ml_collections.ConfigDict, results: dict[str, dict[str, Any]]):
+def _rlhf_inputs(config: ml_collections.ConfigDict, *, ldm_checkpoint: str, selector_dir: str,
+                 evaluator_dir: str) -> ml_collections.ConfigDict:
   """The RLHF section with the LDM, Selector and evaluator of the earlier stages filled in."""
   with config.unlocked():
-    config.ldm_checkpoint = results["ldm"]["checkpoints"]
-    config.selector_checkpoint = results["selector"]["workdir"]
-    config.evaluator_checkpoint = results["evaluator"]["evaluator_dir"]
+    config.ldm_checkpoint = ldm_checkpoint
+    config.selector_checkpoint = selector_dir
+    config.evaluator_checkpoint = evaluator_dir
   return config
 
 
-def rlhf_stage(job: Job) -> dict[str, Any]:
+def rlhf_stage(job: Job) -> RlhfResult | Unfinished:
   """Runs (or resumes) the RLHF rounds in `<workdir>/rlhf` from the LDM stage's checkpoint."""
-  outputs = rounds.run(_rlhf_inputs(job.stage_config("rlhf"), job.results),
-                       str(job.workdir / "rlhf"))
-  keep = ("workdir", "best_checkpoint", "metrics", "report_html", "report_json", "curves",
-          "curves_queries", "grid_before", "grid_after", "best_round", "rounds_done", "stopped",
-          "stop_reason", "queries", "reward_before", "reward_after", "composite_before",
-          "composite_after", "accepted_fraction", "heldout_before", "heldout_after",
-          "reward_kept", "composite_kept", "heldout_kept")
-  return {k: outputs[k] for k in keep}
+  r = job.results
+  config = _rlhf_inputs(job.stage_config("rlhf"), ldm_checkpoint=r.ldm.checkpoints,
+                        selector_dir=r.selector.workdir,
+                        evaluator_dir=r.evaluator.evaluator_dir)
+  outputs = rounds.run(config, str(job.workdir / "rlhf"))
+  if stop := Unfinished.of(outputs):
+    return stop
+  return RlhfResult.from_outputs(outputs)
 
 
-def _rlhf_section(rlhf: dict[str, Any]) -> str:
-  """The report's RLHF section: guard verdict, before/after figures, curves and grids."""
-  history = json.loads(pathlib.Path(rlhf["report_json"]).read_text())["history"]
-  rows = "".join(
-      f"<tr><td>{h['round']}</td><td>{h.get('queries', 0)}</td><td>{h['reward']:.4f}</td>"
-      f"<td>{h['composite']:.4f}</td>"
-      + "".join(f"<td>{v:.4f}</td>" for v in h["metrics"].values()) + "</tr>" for h in history)
-  head = "".join(f"<th>{html.escape(k)}</th>" for k in history[0]["metrics"])
-  guard = html.escape(rlhf["stop_reason"] or "no reward hacking detected")
-  images = "".join(
-      f"<p>{alt}</p><img src='{_png_uri(rlhf[name])}' alt='{alt}'>" for name, alt in (
-          ("curves", "Selector reward and held-out composite per round"),
-          ("curves_queries", "the same against cumulative Selector queries"),
-          ("grid_before", "held-out prompts before RLHF (round 0)"),
-          ("grid_after", f"held-out prompts at the kept round {rlhf['best_round']}")))
-  return (f"<h2>RLHF: {rlhf['rounds_done']} rounds, kept round {rlhf['best_round']}</h2>"
-          f"<p>Samples above come from the kept model. The Selector's reward (its own score, "
-          f"which the rounds optimise) is shown beside the independent evaluator's held-out "
-          f"metrics, which the guard watches: {guard}.</p>"
-          f"<table><tr><th>round</th><th>Selector queries</th><th>Selector reward</th>"
-          f"<th>held-out composite</th>{head}</tr>{rows}</table>{images}")
+def _rlhf_section(rlhf: RlhfResult) -> str:
+  """The report's RLHF section (built by fundax.eval.report) from the rounds' history and PNGs."""
+  history = json.loads(pathlib.Path(rlhf.report_json).read_text())["history"]
+  return eval_report.rlhf_section(
+      history, best_round=rlhf.best_round, stop_reason=rlhf.stop_reason, curves=rlhf.curves,
+      curves_queries=rlhf.curves_queries, grid_before=rlhf.grid_before,
+      grid_after=rlhf.grid_after)
 
 
-def _png_uri(path: str) -> str:
-  with Image.open(path) as image:
-    return eval_report.png_base64(image)
+def report_stage(job: Job) -> ReportResult:
+  """Evaluates the kept model the way `fundax evaluate` does, on the job's own dataset.
 
-
-def report_stage(job: Job) -> dict[str, Any]:
-  """Samples the kept model on held-out prompts, scores them with the Selector, writes the report."""
-  r, resolution = job.config.report, job.config.resolution
-  heldout, heldout_labels, heldout_captions = _decode_split(job.data, "test", job.data.num_test,
-                                                            resolution)
-  reference, reference_labels, _ = _decode_split(job.data, "train", r.num_reference, resolution)
-  prompts = list(dict.fromkeys(heldout_captions))[:r.num_prompts]
-  options = {"samples_per_prompt": r.samples_per_prompt, "num_steps": r.sampler_steps,
-             "guidance_scale": r.guidance_scale, "seed": job.config.seed,
-             "batch_size": r.batch_size,
-             "kid_subsets": r.kid_subsets, "utility": {"steps": r.utility_steps},
-             "c2st": {"steps": r.c2st_steps}, "num_workers": r.num_workers}
-  rlhf = job.results.get("rlhf")
-  model = rlhf["best_checkpoint"] if rlhf else job.results["ldm"]["checkpoints"]
-  images, repeated = eval_run.generate_from_checkpoint(model, prompts, options)
-  # The Selector scores image files, as it would in the feedback loop; the files stay.
-  samples_dir = job.workdir / "report" / "samples"
-  paths = images_lib.save_pngs(images, samples_dir, "{:04d}.png")
-  scores = selector_score.score_images(job.results["selector"]["workdir"], paths, repeated)
-  results = eval_run.evaluate(
-      images, repeated, evaluator_dir=job.results["evaluator"]["evaluator_dir"],
-      reference_images=reference, out_dir=str(job.workdir / "report"),
-      reference_labels=reference_labels, heldout_images=heldout, heldout_labels=heldout_labels,
-      selector_scores=[s["score"] for s in scores], config=options,
-      sections=[_rlhf_section(rlhf)] if rlhf else (),
-      note=(f"fundax main job: {len(images)} samples of the {resolution} px LDM"
-            + (f" after RLHF (kept round {rlhf['best_round']})" if rlhf else "") + " for "
-            f"{len(prompts)} test-split phantom captions, against {len(reference)} of its "
-            f"phantom training images (fidelity, privacy); TSTR tested on {len(heldout)} "
-            "held-out phantom test images."))
-  return {"report": results["report"], "metrics_json": results["metrics_json"],
-          "model": model, "samples": str(samples_dir), "accepted_by_selector": float(np.mean(
-              [s["accepted"] for s in scores])),
-          "metrics": {row["metric"]: {k: row[k] for k in ("generated", "phantoms", "control")}
-                      for row in results["table"]}}
+  Prompts are the distinct captions of the test split; the reference (fidelity, privacy) is
+  the first `report.num_reference` training images and TSTR tests on the whole test split.
+  The samples are scored by the Selector as image files, as in the feedback loop.
+  """
+  r, results = job.config.report, job.results
+  rlhf = results.rlhf
+  model = results.ldm.checkpoints if rlhf is None else rlhf.best_checkpoint
+  kept = "" if rlhf is None else f" after RLHF (kept round {rlhf.best_round})"
+  out_dir = job.workdir / "report"
+  evaluated = eval_run.evaluate_checkpoint(
+      model, str(out_dir), evaluator_dir=results.evaluator.evaluator_dir,
+      selector_dir=results.selector.workdir,
+      data=functools.partial(_decode_split, job.data, resolution=job.config.resolution),
+      num_prompts=r.num_prompts, num_reference=r.num_reference, num_heldout=job.data.num_test,
+      config={"samples_per_prompt": r.samples_per_prompt, "num_steps": r.sampler_steps,
+              "guidance_scale": r.guidance_scale, "seed": job.config.seed,
+              "batch_size": r.batch_size, "kid_subsets": r.kid_subsets,
+              "utility": {"steps": r.utility_steps}, "c2st": {"steps": r.c2st_steps},
+              "num_workers": r.num_workers},
+      note=(f"fundax main job: the {job.config.resolution} px LDM{kept}; prompts: test-split "
+            "phantom captions; reference: its phantom training images (fidelity, privacy); "
+            "TSTR tested on its held-out phantom test images."),
+      sections=() if rlhf is None else [_rlhf_section(rlhf)])
+  return ReportResult(
+      report=evaluated["report"], metrics_json=evaluated["metrics_json"], model=model,
+      samples=str(out_dir / eval_run.SAMPLES_DIR),
+      accepted_by_selector=evaluated["accepted_by_selector"],
+      metrics={row["metric"]: {k: row[k] for k in ("generated", "phantoms", "control")}
+               for row in evaluated["table"]})
 
 
 STAGES: list[Stage] = [
-    Stage("data", data_stage, ("data", "preview")),
-    Stage("vae", vae_stage, ("data", "resolution", "vae")),
-    Stage("ldm", ldm_stage, ("data", "resolution", "ldm")),
-    Stage("grids", grids_stage, ("grids",)),
-    Stage("evaluator", evaluator_stage, ("resolution", "evaluator", "evaluator_cache")),
-    Stage("selector", selector_stage, ("resolution", "selector")),
-    Stage("rlhf", rlhf_stage, ("rlhf",)),
-    Stage("report", report_stage, ("data", "resolution", "report")),
+    Stage("data", data_stage, DataResult, ("data", "preview")),
+    Stage("vae", vae_stage, TrainResult, ("data", "resolution", "vae")),
+    Stage("ldm", ldm_stage, TrainResult, ("data", "resolution", "ldm")),
+    Stage("grids", grids_stage, GridsResult, ("grids",)),
+    Stage("evaluator", evaluator_stage, EvaluatorResult,
+          ("resolution", "evaluator", "evaluator_cache")),
+    Stage("selector", selector_stage, SelectorResult, ("resolution", "selector")),
+    Stage("rlhf", rlhf_stage, RlhfResult, ("rlhf",)),
+    Stage("report", report_stage, ReportResult, ("data", "resolution", "report")),
 ]
 
 
 def check_config(config: ml_collections.ConfigDict, stages: Sequence[Stage]) -> None:
   """Fails with a clear message, before any compute, on settings the job cannot run."""
   names = [s.name for s in stages]
+  unknown = set(names) - {f.name for f in dataclasses.fields(Results)}
+  if unknown:
+    raise ValueError(f"stages {sorted(unknown)} have no field in stage_results.Results")
   if config.stop_after and config.stop_after not in names:
     raise ValueError(f"stop_after={config.stop_after!r} is not a stage; stages: {names}")
   resolved = config.copy_and_resolve_references()
@@ -365,9 +370,9 @@ def check_config(config: ml_collections.ConfigDict, stages: Sequence[Stage]) -> 
   if "rlhf" in names and (not config.stop_after
                           or names.index(config.stop_after) >= names.index("rlhf")):
     # The inputs come from earlier stages; placeholders let the rest be checked now.
-    placeholder = {"ldm": {"checkpoints": "ldm"}, "selector": {"workdir": "selector"},
-                   "evaluator": {"evaluator_dir": "evaluator"}}
-    rounds.check_config(_rlhf_inputs(config.rlhf.copy_and_resolve_references(), placeholder))
+    rounds.check_config(_rlhf_inputs(config.rlhf.copy_and_resolve_references(),
+                                     ldm_checkpoint="ldm", selector_dir="selector",
+                                     evaluator_dir="evaluator"))
 
 
 def _cpu_seconds() -> float:
@@ -383,27 +388,52 @@ def _sections(config: ml_collections.ConfigDict, stage: Stage) -> dict[str, Any]
               else resolved[s]) for s in stage.sections}
 
 
-def _key_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _key_metrics(results: Results) -> dict[str, Any]:
   """The figures summary.json leads with, from whichever stages have finished."""
   out = {}
-  if "vae" in results:
-    out["vae_eval"] = results["vae"]["eval"]
-  if "ldm" in results:
-    out["ldm_train_loss"] = results["ldm"]["train"].get("loss")
-    out["ldm_eval_loss"] = results["ldm"]["eval"].get("loss")
-  if "evaluator" in results:
-    out["evaluator_heldout"] = results["evaluator"]["heldout_accuracy"]
-  if "selector" in results:
-    out["selector_heldout_auroc"] = results["selector"]["heldout_auroc"]
-  if "rlhf" in results:
-    r = results["rlhf"]
-    out["rlhf"] = {k: r[k] for k in ("rounds_done", "best_round", "stopped", "queries",
-                                     "reward_before", "reward_after", "composite_before",
-                                     "composite_after", "reward_kept", "composite_kept",
-                                     "heldout_before", "heldout_after", "heldout_kept")}
-  if "report" in results:
-    out["report"] = results["report"]["metrics"]
+  if results.vae is not None:
+    out["vae_eval"] = results.vae.eval
+  if results.ldm is not None:
+    out["ldm_train_loss"] = results.ldm.train.get("loss")
+    out["ldm_eval_loss"] = results.ldm.eval.get("loss")
+  if results.evaluator is not None:
+    out["evaluator_heldout"] = results.evaluator.heldout_accuracy
+  if results.selector is not None:
+    out["selector_heldout_auroc"] = results.selector.heldout_auroc
+  if results.rlhf is not None:
+    out["rlhf"] = results.rlhf.figures()
+  if results.report is not None:
+    out["report"] = results.report.metrics
   return out
+
+
+def _read_stage(marker: pathlib.Path, stage: Stage) -> tuple[dict[str, Any], StageResult]:
+  """The record a finished stage wrote to `marker` and its result.
+
+  Raises:
+    StageFileError: the file holds no such record (damaged, or written by an older fundax).
+  """
+  try:
+    record = json.loads(marker.read_text())
+    if not all(k in record for k in ("seconds", "cpu_seconds", "config")):
+      raise ValueError("it lacks the stage's times or settings")
+    return record, stage.result.from_json(record["outputs"])
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise StageFileError(f"{marker} does not hold a finished {stage.name} stage's "
+                         f"{stage.result.__name__} ({e}); delete it to run the stage "
+                         "again") from e
+
+
+def _printed(results: Results) -> dict[str, str]:
+  """The outputs `fundax main` prints, of the stages that finished."""
+  r = results
+  printed = {"data preview": r.data and r.data.preview,
+             "ldm checkpoints": r.ldm and r.ldm.checkpoints,
+             "grids overview": r.grids and r.grids.overview,
+             "rlhf best_checkpoint": r.rlhf and r.rlhf.best_checkpoint,
+             "rlhf report_html": r.rlhf and r.rlhf.report_html,
+             "report report": r.report and r.report.report}
+  return {name: path for name, path in printed.items() if path}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -420,6 +450,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     unfinished (a signal or stop_at_step): it is not marked and nothing after it runs, so a
     rerun of the same command resumes it. A preempted stage adds "preempted", the signal's
     name (the CLI exits with the preemption code).
+
+  Raises:
+    StageFileError: a finished stage's file that does not hold its result (it names the file).
   """
   stages = list(STAGES if stages is None else stages)
   check_config(config, stages)
@@ -437,7 +470,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     marker = workdir / "stages" / f"{stage.name}.json"
     sections = _sections(config, stage)
     if marker.exists():
-      record = json.loads(marker.read_text())
+      record, result = _read_stage(marker, stage)
       if record["config"] != json.loads(json.dumps(sections)):
         log.warning("stage %s finished earlier with other settings; keeping its outputs "
                     "(delete %s to run it again)", stage.name, marker)
@@ -448,33 +481,32 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       log.info("stage %d/%d %s: starting (%.0f s into this run)", i + 1, len(stages),
                stage.name, time.time() - start)
       t0, cpu0 = time.time(), _cpu_seconds()
-      outputs = stage.fn(job)
-      if "unfinished" in outputs:
+      result = stage.fn(job)
+      if isinstance(result, Unfinished):
         # SIGTERM (preemption) or stop_at_step: the stage is not finished, so it is not marked
         # and nothing after it runs on its half-trained model; a rerun resumes it.
-        reason = f"stage {stage.name} unfinished: {outputs['unfinished']}"
+        reason = f"stage {stage.name} unfinished: {result.reason}"
         log.warning("%s; rerun the same command to resume", reason)
         summary["stopped"] = reason
         summary_path.write_text(json.dumps(summary, indent=2, default=float))
         stopped = {"summary": str(summary_path), "stopped": reason}
-        if "preempted" in outputs:
-          stopped["preempted"] = outputs["preempted"]
+        if result.preempted:
+          stopped["preempted"] = result.preempted
         return stopped
+      if not isinstance(result, stage.result):
+        raise TypeError(f"stage {stage.name} returned a {type(result).__name__}, not the "
+                        f"{stage.result.__name__} its stage file is read back as")
       record = {"seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
-                "load_average": os.getloadavg(), "outputs": outputs, "config": sections}
+                "load_average": os.getloadavg(), "outputs": result.to_json(),
+                "config": sections}
       marker.write_text(json.dumps(record, indent=2, default=float))
       log.info("stage %d/%d %s: done in %.0f s (%.0f s CPU; %.0f s into this run)", i + 1,
                len(stages), stage.name, record["seconds"], record["cpu_seconds"],
                time.time() - start)
       summary["stages"][stage.name] = {**record, "skipped": False}
-    job.results[stage.name] = summary["stages"][stage.name]["outputs"]
+    setattr(job.results, stage.name, result)
     summary["seconds_this_run"] = time.time() - start
     summary["seconds_all_stages"] = sum(s["seconds"] for s in summary["stages"].values())
     summary["metrics"] = _key_metrics(job.results)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
-  outputs = {"summary": str(summary_path)}
-  for name, key in (("data", "preview"), ("ldm", "checkpoints"), ("grids", "overview"),
-                    ("rlhf", "best_checkpoint"), ("rlhf", "report_html"), ("report", "report")):
-    if name in job.results:
-      outputs[f"{name} {key}"] = job.results[name][key]
-  return outputs
+  return {"summary": str(summary_path), **_printed(job.results)}
