@@ -1,10 +1,17 @@
-"""Test setup: 8 simulated CPU devices and one compilation cache, set before jax is imported.
+"""Test setup: simulated CPU devices and one compilation cache, set before jax is imported.
 
 Most of the suite's time is XLA compiling tiny programs, and many tests compile the same program
 anew (each run of a trainer builds new jitted closures). A persistent compilation cache shared by
 the whole session (and by its pytest-xdist workers, which inherit the environment) compiles each
 program once. It lives in a fresh temporary directory, so every session starts cold and
 measures honestly; FUNDAX_TEST_JAX_CACHE names a directory to keep it between sessions.
+
+Devices: the modules in `SHARDED` test sharding and run on 8 simulated devices; every other
+module runs on one, because compiling and running a program for 8 simulated devices on a small
+host costs about 1.5x and tests nothing there. Under pytest-xdist with two or more workers,
+worker gw0 has 8 devices and runs the `SHARDED` modules only, the other workers have one device
+and run the rest (`pytest_xdist_make_scheduler`); `-n auto` adds gw0 to one worker per core. In a
+single process (`-n 0`) every test sees 8 devices, the setting the suite was first written for.
 """
 
 import atexit
@@ -14,8 +21,23 @@ import tempfile
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Test modules about sharding (meshes over several devices, per-device batch checks).
+SHARDED = frozenset(f"tests/{name}.py" for name in (
+    "test_checkpoint", "test_loop", "test_lowering", "test_parallel", "test_params_io",
+    "test_pipeline", "test_sharding"))
+SHARDED_DEVICES = 8
+
+
+def _devices() -> int:
+  """This process's simulated device count (see the module docstring)."""
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+  return SHARDED_DEVICES if worker in (None, "gw0") or workers < 2 else 1
+
+
+os.environ["XLA_FLAGS"] = " ".join(  # a worker's count replaces the one it inherits
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + [f"--xla_force_host_platform_device_count={_devices()}"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,12 +57,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 SHARED_WORKER = {"tests/test_main_job.py": "main_job", "tests/test_colab.py": "main_job"}
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a pytest-xdist hook
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core for the one-device modules, plus gw0 for `SHARDED`."""
+  del config
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+  cores = len(os.sched_getaffinity(0))
+  return cores + 1 if cores > 1 else 1
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; without xdist it is never called
 def pytest_xdist_make_scheduler(config, log):
   """pytest-xdist (`-n auto`, pytest.ini) sends each test module whole to one worker.
 
   Modules build expensive module-scoped fixtures (trained tiny runs, an AOT compile); split
   over workers, each worker would build them again. `SHARED_WORKER` widens a module's group.
+  With two or more workers the `SHARDED` modules go to gw0 (8 devices) and only there, every
+  other module to the one-device workers; a worker gets its next module when it is down to its
+  last test (xdist's own threshold is two tests, which can queue a long module behind a long
+  test while another worker idles).
   (xdist's own `--dist loadgroup` cannot be used: it renames node ids, which pytest 9.2 ignores.)
   """
   from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
@@ -50,6 +86,31 @@ def pytest_xdist_make_scheduler(config, log):
     def _split_scope(self, nodeid):
       module = nodeid.split("::", 1)[0]
       return SHARED_WORKER.get(module, module)
+
+    def _runs_here(self, node, scope):
+      if len(self.nodes) < 2:
+        return True
+      return (scope in SHARDED) == (node.workerinput["workerid"] == "gw0")
+
+    def _reschedule(self, node):
+      if node.shutting_down:
+        return
+      if not self.workqueue:
+        node.shutdown()
+      elif self._pending_of(self.assigned_work[node]) <= 1:
+        self._assign_work_unit(node)
+
+    def _assign_work_unit(self, node):
+      scopes = [s for s in self.workqueue if self._runs_here(node, s)]
+      if not scopes:  # nothing left this worker may run
+        node.shutdown()
+        return
+      scope = scopes[0]  # xdist's order: modules with the most tests first
+      work_unit = self.workqueue.pop(scope)
+      self.assigned_work.setdefault(node, {})[scope] = work_unit
+      collection = self.registered_collections[node]
+      node.send_runtest_some([collection.index(nodeid)
+                              for nodeid, done in work_unit.items() if not done])
 
   return ModuleScheduling(config, log)
 

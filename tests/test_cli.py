@@ -130,7 +130,7 @@ def test_rlhf_without_checkpoints_fails_before_work(tmp_path, capsys, command):
 
 
 @pytest.mark.parametrize("job,args,message", [
-    ("ldm", ["--config.batch_size=12"], "batch_size 12 is not a positive multiple of the 8"),
+    ("ldm", ["--config.batch_size=0"], "batch_size 0 is not a positive multiple of the"),
     ("ldm", ["--config.sample.sampler=euler"], "sample.sampler must be one of"),
     ("vae", ["--config.resolution=33"], "downsampling factor 2"),
     ("vae", ["--config.nope=1"], "no field 'nope'"),

@@ -89,6 +89,19 @@ def test_the_config_names_the_reward(loop):
   assert loop.reward is reward_lib.mean_brightness
 
 
+def test_loops_of_the_same_models_and_settings_share_their_jitted_steps(loop, ldm_dir, tmp_path):
+  """A loop built again in one process (a resumed or repeated run) reuses the steps' traces
+  and compiles; other step settings get their own."""
+  again = rounds.build_loop(make_config(ldm_dir), tmp_path / "again",
+                            reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
+  assert (again.tx, again.rollout_fn, again.ddpo_fn, again.rwr_fn) == (
+      loop.tx, loop.rollout_fn, loop.ddpo_fn, loop.rwr_fn)
+  other = rounds.build_loop(make_config(ldm_dir, **{"stage1.clip_range": 0.3}),
+                            tmp_path / "other", reward_fn=reward_lib.mean_brightness,
+                            heldout_fn=darkness)
+  assert other.ddpo_fn is not loop.ddpo_fn and other.rwr_fn is not loop.rwr_fn
+
+
 def test_update_recomputes_the_rollout_log_probs(loop):
   params = loop.pipeline.params
   frozen = {"vae": params["vae"], "text": params["text"]}
@@ -149,10 +162,14 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
   (whole, whole_metrics) = results[1]
   for parts in (2, 4):
     new_state, metrics = results[parts]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    # Gradients of order 1e-2, sums over the batch of terms whose advantages cancel: float32
+    # summation order moves them by up to ~2e-5 (on one device); a wrong split or scaling of the
+    # micro-batches moves them by their own size.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
                  new_state.params, whole.params)
+    # Likewise the policy loss, a small difference of O(1) terms.
     for name in ("loss", "policy_loss", "kl_reference", "grad_norm"):
-      np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-4, atol=1e-7)
+      np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-4, atol=5e-5)
   assert float(whole_metrics["grad_norm"]) > 0
   bad = loop.config.stage1.copy_and_resolve_references()
   with bad.unlocked():

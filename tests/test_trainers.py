@@ -1,14 +1,13 @@
 """End-to-end tests of the VAE and LDM trainers on their tiny configs (a few CPU steps).
 
 One full run per trainer (module-scoped, through the `fundax train` CLI for the LDM) is shared
-by every test: its outputs, resume equivalence (4 steps == 2 steps + restore + 2 steps, the
-restore after a SIGTERM for the LDM), and `fundax sample` on its checkpoint.
+by every test: its outputs, resume equivalence (4 steps == 2 steps, a SIGTERM, a restore and 2
+steps) and `fundax sample` on its checkpoint.
 """
 
 import json
 import os
 import pathlib
-import shutil
 import signal
 
 import jax
@@ -66,13 +65,6 @@ def assert_trees_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def resume_from_step(straight, workdir, step):
-  """A workdir holding only `straight`'s checkpoint at `step` (and its metrics)."""
-  (workdir / "checkpoints").mkdir(parents=True)
-  shutil.copytree(straight / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
-  shutil.copy(straight / "metrics.jsonl", workdir / "metrics.jsonl")
-
-
 @pytest.fixture(scope="module")
 def vae_run(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("vae")
@@ -95,24 +87,18 @@ def test_vae_trainer_outputs(vae_run):
   assert [r["adv_active"] for r in read_metrics(vae_run) if r["split"] == "train"] == [0, 0, 1, 1]
 
 
-def test_vae_resume_equals_straight_run(vae_run, data_dir, tmp_path):
-  # 2 steps (the straight run's step-2 checkpoint) + restore + 2 steps == 4 straight steps.
-  # Evaluation and grids do not touch the state; leaving them out saves compiles.
-  resume_from_step(vae_run, tmp_path, 2)
-  vae.run(tiny_config("vae", data_dir, num_steps=4, eval_every=0, sample_every=0),
-          str(tmp_path))
-  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
-  assert_trees_close(params_of(tmp_path), params_of(vae_run))
-
-
 def test_ldm_trainer_outputs(ldm_run):
   check_outputs(ldm_run, 4)
 
 
-def test_ldm_sigterm_saves_and_resume_equals_straight_run(ldm_run, data_dir, tmp_path,
-                                                          monkeypatch):
+@pytest.mark.parametrize("name", ["vae", "ldm"])
+def test_sigterm_saves_and_resume_equals_straight_run(name, request, data_dir, tmp_path,
+                                                      monkeypatch):
   """SIGTERM during step 1 (as a preempted VM gets it): step 2 is saved, the run returns
-  cleanly, and rerunning the command continues to step 4 exactly like the straight run."""
+  cleanly, and rerunning the command continues to step 4 exactly like the straight run.
+  (Evaluation and grids do not touch the state; leaving them out saves compiles.)"""
+  trainer, straight = {"vae": (vae, "vae_run"), "ldm": (ldm, "ldm_run")}[name]
+  straight = request.getfixturevalue(straight)
   original = loop.train_loop
 
   def preempted_loop(*args, hooks=(), **kwargs):
@@ -123,17 +109,18 @@ def test_ldm_sigterm_saves_and_resume_equals_straight_run(ldm_run, data_dir, tmp
     return original(*args, hooks=[*hooks, loop.Hook(1, sigterm)], **kwargs)
 
   # No periodic checkpoint before step 4: the step-2 checkpoint can only come from SIGTERM.
-  no_hooks = {"eval_every": 0, "sample.every": 0, "checkpoint_every": 4}
+  no_hooks = {"eval_every": 0, "checkpoint_every": 4,
+              "sample_every" if name == "vae" else "sample.every": 0}
   with monkeypatch.context() as patch:
     patch.setattr(loop, "train_loop", preempted_loop)
-    outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
+    outputs = trainer.run(tiny_config(name, data_dir, num_steps=4, **no_hooks), str(tmp_path))
   assert "preempted" in outputs["unfinished"]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert max(r["step"] for r in read_metrics(tmp_path)) == 2
-  outputs = ldm.run(tiny_config("ldm", data_dir, num_steps=4, **no_hooks), str(tmp_path))
+  outputs = trainer.run(tiny_config(name, data_dir, num_steps=4, **no_hooks), str(tmp_path))
   assert "unfinished" not in outputs
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
-  assert_trees_close(params_of(tmp_path), params_of(ldm_run))
+  assert_trees_close(params_of(tmp_path), params_of(straight))
 
 
 def test_cli_sample_from_the_checkpoint_alone(ldm_run, tmp_path, capsys):

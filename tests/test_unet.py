@@ -105,6 +105,24 @@ def apply_fn(config, dtype=jnp.float32):
   return jax.jit(lambda params, *args: model.apply({"params": params}, *args))
 
 
+LOWERING_MASK = np.array([[1] * 8, [1] * 5 + [0] * 3], bool)
+
+
+def lowering_grads(config, params):
+  """Gradients of a mean-square loss of the UNet on `inputs(8)`, through `config`'s lowering."""
+  _, (jx, jt, jctx) = inputs(8)
+  model = unet.UNet2DConditionModel(config)
+  loss = lambda p: jnp.mean(model.apply({"params": p}, jx, jt, jctx,
+                                        jnp.asarray(LOWERING_MASK)) ** 2)
+  return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def plain_grads(sd1_imported):
+  """The plain lowering's gradients, which every other lowering is compared with."""
+  return lowering_grads(*sd1_imported)
+
+
 def test_sd1_parity(sd1, sd1_imported):
   torch_model, _ = sd1
   config, params = sd1_imported
@@ -202,22 +220,16 @@ def test_remat_wraps_blocks_and_keeps_outputs(sd1_imported):
   assert "remat" not in grad_jaxpr(config)
 
 
-def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported):
+def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported, plain_grads):
   config, params = sd1_imported
   chunked = dataclasses.replace(config, attention_chunk=64)  # 256 tokens at 16x16: 4 chunks
   _, jax_in = inputs(8)
   np.testing.assert_allclose(apply_fn(chunked)(params, *jax_in), apply_fn(config)(params, *jax_in),
                              rtol=1e-5, atol=1e-5)
-
-  def grads(cfg):
-    model = unet.UNet2DConditionModel(cfg)
-    loss = lambda p: jnp.mean(model.apply({"params": p}, *jax_in) ** 2)
-    return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
-
-  (g_chunked, jaxpr_chunked), (g_plain, jaxpr_plain) = grads(chunked), grads(config)
-  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+  for a, b in zip(jax.tree.leaves(lowering_grads(chunked, params)), jax.tree.leaves(plain_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert "scan" in jaxpr_chunked and "scan" not in jaxpr_plain
+  jaxpr = lambda cfg: str(jax.make_jaxpr(apply_fn(cfg))(params, *jax_in))
+  assert "scan" in jaxpr(chunked) and "scan" not in jaxpr(config)
 
 
 def test_chunked_attention_masks_keys_and_rejects_bad_chunks():
@@ -241,27 +253,21 @@ LOWERINGS = {  # UNetConfig fields -> forward tolerance against diffusers (float
 
 
 @pytest.mark.parametrize("name", sorted(LOWERINGS))
-def test_lowerings_match_diffusers_and_the_plain_gradients(sd1, sd1_imported, name):
+def test_lowerings_match_diffusers_and_the_plain_gradients(sd1, sd1_imported, plain_grads, name):
   """Each lowering computes diffusers' UNet (same weights) and the same gradients."""
   torch_model, _ = sd1
   config, params = sd1_imported
   fields, tol = LOWERINGS[name]
   lowered = dataclasses.replace(config, **fields)
   (x, t, ctx), (jx, jt, jctx) = inputs(8)
-  mask = np.array([[1] * 8, [1] * 5 + [0] * 3], bool)
   with torch.no_grad():
-    ref = torch_model(x, t, ctx, encoder_attention_mask=torch.tensor(mask)).sample
-  out = apply_fn(lowered)(params, jx, jt, jctx, jnp.asarray(mask))
+    ref = torch_model(x, t, ctx, encoder_attention_mask=torch.tensor(LOWERING_MASK)).sample
+  out = apply_fn(lowered)(params, jx, jt, jctx, jnp.asarray(LOWERING_MASK))
   err = rel_err(out, ref.numpy().transpose(0, 2, 3, 1))
   print(f"UNet lowering {name}: rel err {err:.2e} against diffusers")
   assert err <= tol
 
-  def grads(cfg):
-    model = unet.UNet2DConditionModel(cfg)
-    loss = lambda p: jnp.mean(model.apply({"params": p}, jx, jt, jctx, jnp.asarray(mask)) ** 2)
-    return jax.jit(jax.grad(loss))(params)
-
-  lowered_grads, plain_grads = grads(lowered), grads(config)
+  lowered_grads = lowering_grads(lowered, params)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads))
   worst = max(float(jnp.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(lowered_grads), jax.tree.leaves(plain_grads)))
@@ -358,13 +364,14 @@ def test_coordinate_input_locates_the_network_and_has_no_diffusers_form():
   assert params["conv_in"]["kernel"].shape[2] == SD1["in_channels"] + 2
   model = unet.UNet2DConditionModel(config)
   sample, t, context = unet.dummy_inputs(config)
-  params = model.init(jax.random.key(0), sample, t, context)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), sample, t, context)["params"]
   # conv_in reads the coordinates: zeroing their kernel taps changes the output.
   ones = jnp.ones((1, 16, 16, 4))
-  out = np.asarray(model.apply({"params": params}, ones, t, context))
+  apply = jax.jit(model.apply)  # one compile for both calls (eager, the UNet takes ~40 s)
+  out = np.asarray(apply({"params": params}, ones, t, context))
   kernel = params["conv_in"]["kernel"].at[:, :, 4:].set(0.0)
   blind = {**params, "conv_in": {**params["conv_in"], "kernel": kernel}}
-  assert np.abs(out - np.asarray(model.apply({"params": blind}, ones, t, context))).max() > 1e-3
+  assert np.abs(out - np.asarray(apply({"params": blind}, ones, t, context))).max() > 1e-3
   np.testing.assert_array_equal(unet.coordinate_channels(ones)[0, 0, [0, -1], 0], [-1.0, 1.0])
   # Checkpoints keep the field; a diffusers export refuses rather than drop the channels.
   assert unet.UNetConfig.from_diffusers(config.to_checkpoint()) == config

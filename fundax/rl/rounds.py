@@ -34,6 +34,7 @@ stop the run; NaN/inf params are never saved; NaN/inf held-out readings stop the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -221,24 +222,50 @@ def _embed_pretrain(pipeline: sampling.Pipeline, texts):
   return np.asarray(states), tok["attention_mask"]
 
 
+# The jitted steps of recent loops, by what they compute: loops built again in one process with
+# the same models and step settings (a run resumed in the same session, repeated runs in a
+# notebook or a test) reuse their traces and compiles instead of paying both again (~15 s a
+# loop for the tiny LDM on 2 CPU cores).
+_STEPS: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+_STEPS_KEPT = 4
+
+
+def _jitted_steps(models: ldm_lib.Models, config) -> tuple:
+  """(optimizer, rollout, DDPO update, RWR update) for `models` under `config`, jitted once."""
+  total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
+                               + config.stage2.iterations * config.stage2.updates)
+  optim_config = {**config.optim.to_dict(), "total_steps": max(total, 1)}
+  # The modules' reprs hold their configs and dtypes; the config sections hold the rest.
+  key = repr((models.unet, models.vae, models.text, sorted(models.scheduler.items()),
+              tuple(models.special_tokens), models.text_mask, models.canonical_eye,
+              sorted(optim_config.items()), config.rollout.to_json(sort_keys=True),
+              config.stage1.to_json(sort_keys=True), config.stage2.to_json(sort_keys=True)))
+  if key not in _STEPS:  # (copies of the sections: the caller may change its config later)
+    stage1 = config.stage1.copy_and_resolve_references()
+    stage2 = config.stage2.copy_and_resolve_references()
+    tx = optim.make_optimizer(optim_config)
+    sampler = config.rollout.sampler
+    stochastic = rollout_lib.stochastic_steps(models, sampler, config.rollout.num_steps)
+    rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models, sampler=sampler,
+                                           num_steps=config.rollout.num_steps))
+    ddpo_fn = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
+                                        config=stage1, sampler=sampler, stochastic=stochastic),
+                      donate_argnums=(0,))
+    rwr_fn = jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
+                                       config=stage2), donate_argnums=(0,))
+    _STEPS[key] = (tx, rollout_fn, ddpo_fn, rwr_fn)
+    while len(_STEPS) > _STEPS_KEPT:
+      _STEPS.popitem(last=False)
+  _STEPS.move_to_end(key)
+  return _STEPS[key]
+
+
 def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:
   """Loads the models, the Selector and the evaluator, and jits the steps (no state yet)."""
   pipeline = sampling.load_pipeline(config.ldm_checkpoint, use_ema=True)
   models = pipeline.models
   ldm_meta = checkpoint.load_config(config.ldm_checkpoint)
-  total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
-                               + config.stage2.iterations * config.stage2.updates)
-  tx = optim.make_optimizer({**config.optim.to_dict(), "total_steps": max(total, 1)})
-  sampler = config.rollout.sampler
-  stochastic = rollout_lib.stochastic_steps(models, sampler, config.rollout.num_steps)
-  rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models, sampler=sampler,
-                                         num_steps=config.rollout.num_steps))
-  ddpo_fn = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
-                                      config=config.stage1, sampler=sampler,
-                                      stochastic=stochastic),
-                    donate_argnums=(0,))
-  rwr_fn = jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
-                                     config=config.stage2), donate_argnums=(0,))
+  tx, rollout_fn, ddpo_fn, rwr_fn = _jitted_steps(models, config)
   prompt_set = prompts_lib.make_prompt_set(config.seed, config.guard.num_prompts,
                                            config.prompts.file)
   resolution = models.latent_shape[0] * models.vae.config.downsample_factor
