@@ -8,17 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from fundax import checkpoint
 from fundax import cli
 from fundax import configlib
 from fundax.data import captions
 from fundax.data import phantom
-from fundax.data import tokenizer as tokenizer_lib
 from fundax.eval import c2st
 from fundax.eval import evaluator as ev
 from fundax.eval import run
 from fundax.eval import utility
-from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.selector import score as score_lib
 
@@ -47,19 +44,9 @@ def ldm_checkpoint(tmp_path_factory):
   vocab = _vocab(root / "vocab")
   models = dataclasses.replace(tiny_ldm.tiny_models(),
                                special_tokens=text_lib.special_tokens(vocab))
-  params = tiny_ldm.init_params(models)
-  config = {"job": configlib.load_config("configs/ldm.py:tiny").to_dict(),
-            "models": ldm_lib.models_to_config(models),
-            "tokenizer": tokenizer_lib.tokenizer_reference(str(vocab)),
-            "max_length": tiny_ldm.LENGTH}
-  workdir = root / "run"
-  with checkpoint.make_manager(workdir, max_to_keep=1) as manager:
-    checkpoint.save(manager, 1, {"state": {"params": params["unet"],
-                                           "ema_params": params["unet"]},
-                                 "frozen": {"vae": params["vae"], "text": params["text"]}},
-                    config=config, extras={})
-    checkpoint.wait(manager)
-  return str(workdir)
+  return tiny_ldm.save_checkpoint(
+      root / "run", models, tiny_ldm.init_params(models), tokenizer_dir=str(vocab),
+      job=configlib.load_config("configs/ldm.py:tiny").to_dict())
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ resumed mid-round (after stop_after_phase or a SIGTERM) equals an uninterrupted 
 updates are skipped and NaN/inf held-out readings stop the run, and the guard stops a run that
 games its reward."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,6 @@ from fundax import configlib
 from fundax import sampling
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import bert
-from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
 from fundax.rl import ddpo
 from fundax.rl import reward as reward_lib
@@ -29,38 +29,21 @@ from fundax.rl import rounds
 from fundax.rl import run_state
 from fundax.train import loop as loop_lib
 from fundax.train import state as state_lib
-from tiny_ldm import tiny_models
+import tiny_ldm
 
 
 @pytest.fixture(scope="module")
 def ldm_dir(tmp_path_factory):
-  """A self-describing checkpoint of the tiny LDM with a BERT of the real uncased vocabulary
-  (so the MiniLM tokenizer's ids are valid), written as the LDM trainer writes its own."""
-  base = tiny_models()
-  text = text_lib.TextEncoder(bert.BertConfig(vocab_size=30522, hidden_size=32,
-                                              num_hidden_layers=1, num_attention_heads=2,
-                                              intermediate_size=64))
-  reference = tokenizer_lib.tokenizer_reference(None)
-  models = ldm_lib.Models(unet=base.unet, vae=base.vae, text=text, scheduler=base.scheduler,
-                          special_tokens=text_lib.special_tokens(tokenizer_lib.minilm_dir()))
-
-  def init(key):
-    k_unet, k_vae, k_text = jax.random.split(key, 3)
-    from fundax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-    return {"unet": models.unet.init(k_unet, *unet_lib.dummy_inputs(models.unet.config))["params"],
-            "vae": models.vae.init(k_vae, jnp.zeros((1, 32, 32, 3)))["params"],
-            "text": text.init(k_text, jnp.zeros((1, 8), jnp.int32))["params"]}
-
-  params = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(
-      jax.random.key(0))
-  workdir = tmp_path_factory.mktemp("ldm")
-  manager = checkpoint.make_manager(workdir)
-  checkpoint.save(manager, 0, {"state": {"params": params["unet"]},
-                               "frozen": {"vae": params["vae"], "text": params["text"]}},
-                  config={"job": {}, "models": ldm_lib.models_to_config(models),
-                          "tokenizer": reference, "max_length": 8}, extras={})
-  manager.close()
-  return str(workdir)
+  """The tiny LDM's checkpoint with a BERT of the real uncased vocabulary (so the MiniLM
+  tokenizer's ids are valid)."""
+  models = dataclasses.replace(
+      tiny_ldm.tiny_models(),
+      text=text_lib.TextEncoder(bert.BertConfig(vocab_size=30522, hidden_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64)),
+      special_tokens=text_lib.special_tokens(tokenizer_lib.minilm_dir()))
+  return tiny_ldm.save_checkpoint(tmp_path_factory.mktemp("ldm"), models,
+                                  tiny_ldm.init_params(models))
 
 
 def darkness(images, prompts):

@@ -1,9 +1,12 @@
-"""A tiny random latent diffusion model shared by the sampling and LDM-step tests."""
+"""A tiny random latent diffusion model shared by the sampling, LDM-step, evaluation and RLHF
+tests, and its checkpoint written as the LDM trainer writes one."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fundax import checkpoint
+from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import bert
 from fundax.models import ldm as ldm_lib
 from fundax.models import text_encoder as text_lib
@@ -56,3 +59,18 @@ def prompts(batch=2):
   ids[:, 0], ids[:, 1:4], ids[:, 4] = 101, np.arange(3 * batch).reshape(batch, 3) + 5, 102
   mask = (ids != 0).astype(np.int32)
   return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def save_checkpoint(workdir, models, params, *, tokenizer_dir=None, job=None) -> str:
+  """`params` of `models` saved in the LDM trainer's self-describing checkpoint layout
+  (fundax/trainers/ldm.py: UNet params and EMA, the frozen VAE and text encoder, the models'
+  config and the tokenizer; `tokenizer_dir` None names the packaged MiniLM's). Returns the
+  directory as a string, as the CLI and `sampling.load_pipeline` take it."""
+  config = {"job": job or {}, "models": ldm_lib.models_to_config(models),
+            "tokenizer": tokenizer_lib.tokenizer_reference(tokenizer_dir), "max_length": LENGTH}
+  with checkpoint.make_manager(workdir, max_to_keep=1) as manager:
+    checkpoint.save(manager, 1, {"state": {"params": params["unet"], "ema_params": params["unet"]},
+                                 "frozen": {"vae": params["vae"], "text": params["text"]}},
+                    config=config, extras={})
+    checkpoint.wait(manager)
+  return str(workdir)
