@@ -1,5 +1,8 @@
 """The reference sets of an evaluation (prompt-matched phantoms, negative controls) and C2ST."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -105,3 +108,16 @@ def test_generate_images_is_the_same_in_worker_processes():
   np.testing.assert_array_equal(here, there)
   assert labels == labels_there and labels[0].laterality == "left" and labels[2].dr_grade == 4
   np.testing.assert_array_equal(here[1], phantom.generate(6, 64).image)
+
+
+def test_workers_that_die_starting_are_an_error_not_a_hang(tmp_path):
+  """A script without the `__main__` guard: each spawned worker runs the script again and dies
+  (multiprocessing forbids starting processes while bootstrapping); the call raises, naming
+  the guard, instead of replacing the workers forever."""
+  script = tmp_path / "unguarded.py"
+  script.write_text("from fundax.data import phantom\n"
+                    "phantom.generate_images(range(4), 64, num_workers=2)\n")
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 1
+  assert 'must call it under `if __name__ == "__main__":`' in done.stderr.splitlines()[-1]

@@ -147,12 +147,19 @@ def generate_images(seeds, resolution: int, constraints=None, *, num_workers: in
     constraints: None, or one constraints dict (see case.sample_case) per seed.
     num_workers: processes that render (0 or 1: this process). The images do not depend on
       it. Processes are spawned, not forked: forking a process that runs JAX can deadlock.
+      A spawned process imports the calling script again, so a script calls this under
+      `if __name__ == "__main__":`; without it the workers die starting and this raises.
     progress: optional callable wrapping the result iterator (e.g. a tqdm factory).
 
   Returns:
     (uint8 images [N, resolution, resolution, 3], the N FundusLabels).
+
+  Raises:
+    RuntimeError: a rendering process died (e.g. the unguarded script above).
   """
-  import multiprocessing  # pylint: disable=g-import-not-at-top  (only this path needs it)
+  # (only this path needs them)
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
   _check_resolution(resolution)
   seeds = [int(s) for s in seeds]
   constraints = [{}] * len(seeds) if constraints is None else list(constraints)
@@ -171,5 +178,14 @@ def generate_images(seeds, resolution: int, constraints=None, *, num_workers: in
 
   if num_workers <= 1:
     return collect(map(_image_and_labels, args))
-  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-    return collect(pool.imap(_image_and_labels, args, chunksize=16))
+  # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies on start-up
+  # forever (a hang); the executor reports it.
+  with concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    try:
+      return collect(pool.map(_image_and_labels, args, chunksize=16))
+    except concurrent.futures.process.BrokenProcessPool as e:
+      raise RuntimeError(
+          "a phantom rendering process died; a script that renders with num_workers > 1 must "
+          "call it under `if __name__ == \"__main__\":` (spawned workers import the script "
+          "again)") from e
