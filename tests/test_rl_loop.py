@@ -1,7 +1,7 @@
 """The RLHF loop on a tiny random LDM: the update's first ratio is 1, a toy reward climbs, a run
-resumed mid-round (after stop_after_phase or a SIGTERM) equals an uninterrupted one, NaN/inf
-updates are skipped and NaN/inf held-out readings stop the run, and the guard stops a run that
-games its reward."""
+resumed mid-round (after stop_after_phase, or a SIGTERM during round 0's evaluation or a stage)
+equals an uninterrupted one, NaN/inf updates are skipped and NaN/inf held-out readings stop the
+run, and the guard stops a run that games its reward."""
 
 import dataclasses
 import functools
@@ -227,27 +227,48 @@ def test_resume_mid_round_equals_uninterrupted(ldm_dir, straight, tmp_path):
   assert pipeline.params["unet"].keys() == straight[1].keys()
 
 
-def test_sigterm_finishes_the_stage_saves_and_the_rerun_ends_the_same(ldm_dir, straight,
-                                                                      tmp_path, monkeypatch):
-  stage1 = rounds.stage1
+def test_sigterm_in_round_0_evaluation_or_a_stage_saves_and_the_reruns_end_the_same(
+    ldm_dir, straight, tmp_path, monkeypatch):
+  """SIGTERM during round 0's held-out evaluation, then (in the rerun) during stage 1: each
+  run finishes what it is doing, saves, restores the signal handler and returns preempted;
+  the next run neither repeats it nor skips anything, and the third ends as the
+  uninterrupted run."""
+  evaluate_round, stage1 = rounds.evaluate_round, rounds.stage1
+  evaluated = []
 
-  def sigterm_during_stage1(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-stage: the stage still runs to its end
-    return stage1(*args, **kwargs)
+  def sigterm_then(function):
+    def call(*args, **kwargs):
+      os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-call: the call still runs to its end
+      return function(*args, **kwargs)
+    return call
 
-  monkeypatch.setattr(rounds, "stage1", sigterm_during_stage1)
+  def counted(loop, params, frozen, round_, progress):
+    evaluated.append(round_)
+    return evaluate_round(loop, params, frozen, round_, progress)
+
+  def run():
+    return rounds.run(make_config(ldm_dir), str(tmp_path), reward_fn=reward_lib.mean_brightness,
+                      heldout_fn=darkness)
+
   previous = signal.getsignal(signal.SIGTERM)
-  stopped = rounds.run(make_config(ldm_dir), str(tmp_path),
-                       reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
+  monkeypatch.setattr(rounds, "evaluate_round", sigterm_then(counted))
+  stopped = run()
   assert signal.getsignal(signal.SIGTERM) is previous
   assert stopped["preempted"] == "SIGTERM" and stopped["rounds_done"] == 0
-  assert "after stage 1 of 2" in stopped["unfinished"]
+  assert "after stage 0 of 2" in stopped["unfinished"] and evaluated == [0]
+  assert checkpoint.restore_params(tmp_path, fields=("step",))["step"] == 0
+
+  monkeypatch.setattr(rounds, "evaluate_round", counted)
+  monkeypatch.setattr(rounds, "stage1", sigterm_then(stage1))
+  stopped = run()
+  assert stopped["preempted"] == "SIGTERM" and stopped["rounds_done"] == 0
+  assert "after stage 1 of 2" in stopped["unfinished"] and evaluated == [0]
   saved = checkpoint.restore_params(tmp_path, fields=("step",))
   assert saved["step"] == 1 and int(saved["state"]["step"]) == 2  # both inner epochs ran
+
   monkeypatch.setattr(rounds, "stage1", stage1)
-  again = rounds.run(make_config(ldm_dir), str(tmp_path), reward_fn=reward_lib.mean_brightness,
-                     heldout_fn=darkness)
-  assert "unfinished" not in again and again["rounds_done"] == 1
+  again = run()
+  assert "unfinished" not in again and again["rounds_done"] == 1 and evaluated == [0, 1]
   assert_same_run(straight, again, tmp_path)
 
 
