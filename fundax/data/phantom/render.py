@@ -157,8 +157,7 @@ def generate_images(seeds, resolution: int, constraints=None, *, num_workers: in
   Raises:
     RuntimeError: a rendering process died (e.g. the unguarded script above).
   """
-  # (only this path needs them)
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import concurrent.futures  # pylint: disable=g-import-not-at-top  (only this path needs them)
   import multiprocessing  # pylint: disable=g-import-not-at-top
   _check_resolution(resolution)
   seeds = [int(s) for s in seeds]
