@@ -164,15 +164,18 @@ def test_cached_batches_replay_after_a_restore_and_shard_by_process(setup):
 
 
 def test_ldm_trainer_trains_on_the_cache_and_reuses_it(tmp_path, caplog):
+  """A run split in two parts (stop_at_step): the first builds the cache, the second finds it.
+  (Both parts train under one schedule, so the second reuses the first's compiled step.)"""
   config = configlib.load_config("configs/ldm.py:tiny")
   configlib.apply_overrides(config, [
-      f"data.data_dir={tmp_path / 'data'}", "num_steps=2", "cache.enabled=True",
-      "eval_every=0", "sample.every=0", "max_length=160"])
+      f"data.data_dir={tmp_path / 'data'}", "num_steps=3", "stop_at_step=2",
+      "cache.enabled=True", "eval_every=0", "sample.every=0", "max_length=160"])
   outputs = ldm.run(config, str(tmp_path / "run"))
-  assert "unfinished" not in outputs
+  assert "stop_at_step" in outputs["unfinished"]
   caches = list((tmp_path / "run" / "cache").iterdir())
   assert len(caches) == 1 and (caches[0] / frozen_cache.MANIFEST).is_file()
-  configlib.apply_overrides(config, ["num_steps=3"])
+  configlib.apply_overrides(config, ["stop_at_step=0"])
   with caplog.at_level("INFO", logger="fundax.train.frozen_cache"):
-    ldm.run(config, str(tmp_path / "run"))
+    outputs = ldm.run(config, str(tmp_path / "run"))
+  assert "unfinished" not in outputs
   assert "found" in caplog.text and list((tmp_path / "run" / "cache").iterdir()) == caches
