@@ -235,10 +235,9 @@ def _jitted_steps(models: ldm_lib.Models, config) -> tuple:
   total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
                                + config.stage2.iterations * config.stage2.updates)
   optim_config = {**config.optim.to_dict(), "total_steps": max(total, 1)}
-  # The modules' reprs hold their configs and dtypes; the config sections hold the rest.
-  key = repr((models.unet, models.vae, models.text, sorted(models.scheduler.items()),
-              tuple(models.special_tokens), models.text_mask, models.canonical_eye,
-              sorted(optim_config.items()), config.rollout.to_json(sort_keys=True),
+  # The bundle's repr holds every field it is built from (the modules' configs and dtypes, the
+  # scheduler, the tokens, the switches); the config sections hold the rest.
+  key = repr((models, sorted(optim_config.items()), config.rollout.to_json(sort_keys=True),
               config.stage1.to_json(sort_keys=True), config.stage2.to_json(sort_keys=True)))
   if key not in _STEPS:  # (copies of the sections: the caller may change its config later)
     stage1 = config.stage1.copy_and_resolve_references()
