@@ -18,6 +18,7 @@ import pytest
 
 from fundax import checkpoint
 from fundax import configlib
+from fundax import parallel
 from fundax import sampling
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import bert
@@ -68,21 +69,39 @@ def loop(ldm_dir, tmp_path_factory):
                             tmp_path_factory.mktemp("loop"), heldout_fn=darkness)
 
 
+def new_state(loop, tx):
+  """A train state of the loop's UNet placed as `rounds.run` places it (replicated over the
+  loop's mesh): the update's output state has that placement, so a state placed otherwise
+  would compile the update a second time at its second call."""
+  return jax.jit(lambda p: state_lib.create(p, tx), out_shardings=parallel.replicated(loop.mesh))(
+      loop.pipeline.params["unet"])
+
+
 def test_the_config_names_the_reward(loop):
   assert loop.reward is reward_lib.mean_brightness
 
 
 def test_loops_of_the_same_models_and_settings_share_their_jitted_steps(loop, ldm_dir, tmp_path):
-  """A loop built again in one process (a resumed or repeated run) reuses the steps' traces
-  and compiles; other step settings get their own."""
-  again = rounds.build_loop(make_config(ldm_dir), tmp_path / "again",
-                            reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
-  assert (again.tx, again.rollout_fn, again.ddpo_fn, again.rwr_fn) == (
-      loop.tx, loop.rollout_fn, loop.ddpo_fn, loop.rwr_fn)
-  other = rounds.build_loop(make_config(ldm_dir, **{"stage1.clip_range": 0.3}),
-                            tmp_path / "other", reward_fn=reward_lib.mean_brightness,
-                            heldout_fn=darkness)
-  assert other.ddpo_fn is not loop.ddpo_fn and other.rwr_fn is not loop.rwr_fn
+  """A loop built again in one process (a resumed or repeated run, a longer run, an ablation's
+  arm) reuses the steps' traces and compiles; a step whose own settings change gets its own."""
+  def build(**overrides):
+    return rounds.build_loop(make_config(ldm_dir, **overrides), tmp_path / "again",
+                             reward_fn=reward_lib.mean_brightness, heldout_fn=darkness)
+
+  steps = (loop.tx, loop.rollout_fn, loop.ddpo_fn, loop.rwr_fn)
+  # Loop settings (rounds, batches per stage, the PPO clip, a traced input) share every step.
+  longer = build(num_rounds=3, **{"stage1.iterations": 2, "stage1.clip_range": 0.3})
+  assert (longer.tx, longer.rollout_fn, longer.ddpo_fn, longer.rwr_fn) == steps
+  # A DDPO setting: a new DDPO update only; a stage-2 setting: a new RWR update only.
+  kl = build(**{"stage1.kl_weight": 0.5})
+  assert kl.ddpo_fn is not loop.ddpo_fn
+  assert (kl.tx, kl.rollout_fn, kl.rwr_fn) == (loop.tx, loop.rollout_fn, loop.rwr_fn)
+  beta = build(**{"stage2.negative_beta": 5.0})
+  assert beta.rwr_fn is not loop.rwr_fn and beta.ddpo_fn is loop.ddpo_fn
+  # A decaying learning rate depends on the run's length: new updates, the same rollout.
+  decay = build(**{"optim.end_lr_factor": 0.1})
+  assert decay.ddpo_fn is not loop.ddpo_fn and decay.rollout_fn is loop.rollout_fn
+  assert build(**{"optim.end_lr_factor": 0.1, "num_rounds": 2}).ddpo_fn is not decay.ddpo_fn
 
 
 def test_update_recomputes_the_rollout_log_probs(loop):
@@ -96,7 +115,7 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   assert np.all(lp[:-1] != 0) and np.all(lp[-1] == 0)  # the last DDIM step is deterministic
   # Scored again inside the jitted update: the first inner step's importance ratio is 1.
   c = loop.config.rollout
-  state = jax.jit(lambda p: state_lib.create(p, loop.tx))(params["unet"])
+  state = new_state(loop, loop.tx)
   batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
            "prev_timesteps": ro.prev_timesteps, "advantages": jnp.linspace(-1.0, 1.0, b),
            "cond": ro.cond, "uncond": ro.uncond, "guidance_scale": jnp.float32(c.guidance_scale),
@@ -108,7 +127,7 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   assert float(metrics["kl_reference"]) < 1e-4  # the policy is the reference
   assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite"]) == 0
   # A NaN advantage makes the loss NaN: the update is skipped, only the step advances.
-  state = jax.jit(lambda p: state_lib.create(p, loop.tx))(params["unet"])
+  state = new_state(loop, loop.tx)
   before = jax.device_get(state)
   batch["advantages"] = batch["advantages"].at[0].set(jnp.nan)
   skipped, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": params["unet"]})
@@ -117,7 +136,29 @@ def test_update_recomputes_the_rollout_log_probs(loop):
                (before.params, before.opt_state))
 
 
-def test_micro_batched_update_equals_the_whole_batch_update(loop):
+SGD_RATE = 0.1
+
+
+@pytest.fixture(scope="module")
+def sgd_updates(loop):
+  """(tx, {parts: jitted DDPO update}): the loop's models under plain SGD (the params move by
+  SGD_RATE x the gradients), training on every stochastic step, the batch whole (1) and in two
+  micro-batches (2)."""
+  tx = optax.sgd(SGD_RATE)
+  c = loop.config.rollout
+  updates = {}
+  for parts in (1, 2):
+    stage1 = loop.config.stage1.copy_and_resolve_references()
+    with stage1.unlocked():
+      stage1.micro_batches, stage1.timestep_fraction = parts, 1.0
+    updates[parts] = jax.jit(functools.partial(
+        ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
+        sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
+                                                                  c.sampler, c.num_steps)))
+  return tx, updates
+
+
+def test_micro_batched_update_equals_the_whole_batch_update(loop, sgd_updates):
   """stage1.micro_batches only splits the backward pass: same update, same metrics."""
   params = loop.pipeline.params
   frozen = {"vae": params["vae"], "text": params["text"]}
@@ -129,25 +170,18 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
            "prev_timesteps": ro.prev_timesteps, "advantages": jnp.linspace(-1.0, 1.0, b),
            "cond": ro.cond, "uncond": ro.uncond, "guidance_scale": jnp.float32(c.guidance_scale),
            "eta": jnp.float32(c.eta), "clip_range": jnp.float32(0.2)}
-  tx = optax.sgd(1.0)  # the new params are params - grads: compares the gradients themselves
-  state = jax.jit(lambda p: state_lib.create(p, tx))(params["unet"])
-  results = {}
-  for parts in (1, 2):
-    stage1 = loop.config.stage1.copy_and_resolve_references()
-    with stage1.unlocked():
-      stage1.micro_batches = parts
-    update = jax.jit(functools.partial(
-        ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
-        sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
-                                                                  c.sampler, c.num_steps)))
-    results[parts] = jax.device_get(update(state, batch, jax.random.key(0),
-                                           {"reference": params["unet"]}))
-  (whole, whole_metrics), (new_state, metrics) = results[1], results[2]
+  tx, updates = sgd_updates  # plain SGD: the params' change compares the gradients themselves
+  state = new_state(loop, tx)
+  results = {parts: jax.device_get(update(state, batch, jax.random.key(0),
+                                          {"reference": params["unet"]}))
+             for parts, update in updates.items()}
+  (whole, whole_metrics), (split, metrics) = results[1], results[2]
   # Gradients of order 1e-2, sums over the batch of terms whose advantages cancel: float32
   # summation order moves them by up to ~2e-5 (on one device); a wrong split or scaling of the
   # micro-batches moves them by their own size.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
-               new_state.params, whole.params)
+  jax.tree.map(lambda a, b, p: np.testing.assert_allclose((p - a) / SGD_RATE, (p - b) / SGD_RATE,
+                                                          rtol=1e-4, atol=5e-5),
+               split.params, whole.params, jax.device_get(state.params))
   # Likewise the policy loss, a small difference of O(1) terms.
   for name in ("loss", "policy_loss", "kl_reference", "grad_norm"):
     np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-4, atol=5e-5)
@@ -176,7 +210,7 @@ def test_toy_reward_goes_up(loop):
       ddpo.ddpo_update_step, models=loop.pipeline.models, tx=tx, config=stage1,
       sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
                                                                 c.sampler, c.num_steps)))
-  state = jax.jit(lambda p: state_lib.create(p, tx))(params["unet"])
+  state = new_state(loop, tx)
   texts, key = loop.draw(0, 0, 0)
   rewards = []
   for i in range(4):

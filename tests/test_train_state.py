@@ -20,6 +20,16 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
 
 
+def test_schedule_without_warmup_or_decay_is_constant_for_any_length():
+  short, long = ({"lr": 0.5, "total_steps": n, "end_lr_factor": 1.0} for n in (4, 400))
+  assert optim.is_constant(short) and optim.is_constant(long)
+  for config in (short, long):
+    np.testing.assert_array_equal([float(optim.make_schedule(config)(s)) for s in (0, 3, 399)],
+                                  [0.5, 0.5, 0.5])
+  assert not optim.is_constant({**short, "warmup_steps": 1})
+  assert not optim.is_constant({**short, "end_lr_factor": 0.5})
+
+
 def test_missing_field_and_bad_warmup():
   with pytest.raises(ValueError, match="'total_steps'"):
     optim.make_optimizer({"lr": 1.0})

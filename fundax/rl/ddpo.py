@@ -49,6 +49,10 @@ from fundax.rl import rollout as rollout_lib
 from fundax.train import guard
 from fundax.train import state as state_lib
 
+# The stage-1 config fields the update reads at trace time (the module docstring): the step's
+# program depends on these and on nothing else of the config.
+STEP_FIELDS = ("timestep_fraction", "kl_weight", "micro_batches")
+
 
 def ppo_loss(ratio, advantages, clip_range):
   """Per-example PPO-clipped surrogate loss (to minimise).

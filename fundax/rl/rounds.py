@@ -222,12 +222,28 @@ def _embed_pretrain(pipeline: sampling.Pipeline, texts):
   return np.asarray(states), tok["attention_mask"]
 
 
-# The jitted steps of recent loops, by what they compute: loops built again in one process with
-# the same models and step settings (a run resumed in the same session, repeated runs in a
-# notebook or a test) reuse their traces and compiles instead of paying both again (~15 s a
-# loop for the tiny LDM on 2 CPU cores).
-_STEPS: collections.OrderedDict[str, tuple] = collections.OrderedDict()
-_STEPS_KEPT = 4
+# The jitted steps of recent loops, each kept by what its program depends on, so that loops
+# built again in one process (a run resumed in the same session, repeated runs in a notebook or
+# a test, an ablation's arms) reuse their traces and compiles instead of paying both again (~15 s
+# a loop for the tiny LDM on 2 CPU cores): the rollout by the models and the sampler, the updates
+# also by the optimizer and the step fields they read (`ddpo.STEP_FIELDS`, `rwr.STEP_FIELDS`),
+# not by loop settings such as the number of rounds or of batches per stage.
+_STEPS: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_STEPS_KEPT = 12
+
+
+def _cached(key: str, build: Callable[[], Any]) -> Any:
+  if key not in _STEPS:
+    _STEPS[key] = build()
+    while len(_STEPS) > _STEPS_KEPT:
+      _STEPS.popitem(last=False)
+  _STEPS.move_to_end(key)
+  return _STEPS[key]
+
+
+def _step_fields(section: ml_collections.ConfigDict, fields) -> ml_collections.ConfigDict:
+  """A copy of the fields of a config section that an update reads (reading another fails)."""
+  return ml_collections.ConfigDict({name: section[name] for name in fields})
 
 
 def _jitted_steps(models: ldm_lib.Models, config) -> tuple:
@@ -235,28 +251,29 @@ def _jitted_steps(models: ldm_lib.Models, config) -> tuple:
   total = config.num_rounds * (config.stage1.iterations * config.stage1.inner_epochs
                                + config.stage2.iterations * config.stage2.updates)
   optim_config = {**config.optim.to_dict(), "total_steps": max(total, 1)}
+  # A constant schedule (the RLHF default) is the same optimizer for any number of steps.
+  optim_key = sorted({**optim_config, "total_steps": None}.items()
+                     if optim.is_constant(optim_config) else optim_config.items())
+  sampler, num_steps = config.rollout.sampler, config.rollout.num_steps
+  stage1 = _step_fields(config.stage1, ddpo.STEP_FIELDS)
+  stage2 = _step_fields(config.stage2, rwr.STEP_FIELDS)
   # The bundle's repr holds every field it is built from (the modules' configs and dtypes, the
-  # scheduler, the tokens, the switches); the config sections hold the rest.
-  key = repr((models, sorted(optim_config.items()), config.rollout.to_json(sort_keys=True),
-              config.stage1.to_json(sort_keys=True), config.stage2.to_json(sort_keys=True)))
-  if key not in _STEPS:  # (copies of the sections: the caller may change its config later)
-    stage1 = config.stage1.copy_and_resolve_references()
-    stage2 = config.stage2.copy_and_resolve_references()
-    tx = optim.make_optimizer(optim_config)
-    sampler = config.rollout.sampler
-    stochastic = rollout_lib.stochastic_steps(models, sampler, config.rollout.num_steps)
-    rollout_fn = jax.jit(functools.partial(rollout_lib.rollout, models=models, sampler=sampler,
-                                           num_steps=config.rollout.num_steps))
-    ddpo_fn = jax.jit(functools.partial(ddpo.ddpo_update_step, models=models, tx=tx,
-                                        config=stage1, sampler=sampler, stochastic=stochastic),
-                      donate_argnums=(0,))
-    rwr_fn = jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
-                                       config=stage2), donate_argnums=(0,))
-    _STEPS[key] = (tx, rollout_fn, ddpo_fn, rwr_fn)
-    while len(_STEPS) > _STEPS_KEPT:
-      _STEPS.popitem(last=False)
-  _STEPS.move_to_end(key)
-  return _STEPS[key]
+  # scheduler, the tokens, the switches).
+  rollout_key = repr((models, sampler, num_steps))
+  update_key = repr((models, optim_key))
+  tx = _cached("tx" + update_key, lambda: optim.make_optimizer(optim_config))
+  rollout_fn = _cached("rollout" + rollout_key, lambda: jax.jit(functools.partial(
+      rollout_lib.rollout, models=models, sampler=sampler, num_steps=num_steps)))
+  ddpo_fn = _cached(
+      "ddpo" + update_key + rollout_key + stage1.to_json(sort_keys=True),
+      lambda: jax.jit(functools.partial(
+          ddpo.ddpo_update_step, models=models, tx=tx, config=stage1, sampler=sampler,
+          stochastic=rollout_lib.stochastic_steps(models, sampler, num_steps)),
+          donate_argnums=(0,)))
+  rwr_fn = _cached("rwr" + update_key + stage2.to_json(sort_keys=True),
+                   lambda: jax.jit(functools.partial(rwr.rwr_update_step, models=models, tx=tx,
+                                                     config=stage2), donate_argnums=(0,)))
+  return tx, rollout_fn, ddpo_fn, rwr_fn
 
 
 def build_loop(config, workdir, *, reward_fn=None, heldout_fn=None) -> Loop:

@@ -40,6 +40,9 @@ from fundax.train import guard
 from fundax.train import ldm_step
 from fundax.train import state as state_lib
 
+# The stage-2 config fields the update reads at trace time (the module docstring).
+STEP_FIELDS = ("pretrain_weight", "negative_weight", "negative_beta", "snr_gamma")
+
 
 def reward_weights(rewards, accepted, temperature: float) -> np.ndarray:
   """Reward-weighted regression weights: exp(r / temperature) on accepted candidates, mean 1.

@@ -39,7 +39,8 @@ def _get(config: Any, name: str) -> Any:
 
 
 def make_schedule(config: Any) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * end_lr_factor` at `total_steps`.
+  """Linear warmup to `lr`, then cosine decay to `lr * end_lr_factor` at `total_steps`
+  (a constant `lr` when there is neither: `is_constant`).
 
   Args:
     config: the optimizer config (fields in the module docstring).
@@ -52,9 +53,18 @@ def make_schedule(config: Any) -> optax.Schedule:
   warmup = int(_get(config, "warmup_steps"))
   if not 0 <= warmup < total:
     raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup} and {total}")
+  if is_constant(config):
+    return optax.constant_schedule(lr)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total,
       end_value=lr * float(_get(config, "end_lr_factor")))
+
+
+def is_constant(config: Any) -> bool:
+  """Whether the schedule is `lr` at every step (no warmup, no decay), whatever `total_steps`:
+  one optimizer then serves runs of any length (the RLHF loop shares its compiled updates)."""
+  return (int(_get(config, "warmup_steps")) == 0
+          and float(_get(config, "end_lr_factor")) == 1.0)
 
 
 def _decay_mask(params: Any) -> Any:
