@@ -88,7 +88,7 @@ def get_config(arg=None):
   u.train.snr_gamma = 0.0
   if small:
     v = c.vae
-    v.model.block_out_channels = (8, 16) if test else (16, 32, 64)  # 64 px -> 16 x 16 latents
+    v.model.block_out_channels = (8, 8, 16) if test else (16, 32, 64)  # 64 px -> 16 x 16 latents
     v.model.latent_channels = 4 if test else 8  # 8: thin vessels survive the 4x downsampling
     v.num_steps = 2 if test else 600
     v.batch_size = 8
