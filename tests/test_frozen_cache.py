@@ -165,11 +165,13 @@ def test_cached_batches_replay_after_a_restore_and_shard_by_process(setup):
 
 def test_ldm_trainer_trains_on_the_cache_and_reuses_it(tmp_path, caplog):
   """A run split in two parts (stop_at_step): the first builds the cache, the second finds it.
-  (Both parts train under one schedule, so the second reuses the first's compiled step.)"""
+  (Both parts train under one schedule, so the second reuses the first's compiled step. A
+  one-level UNet: the module took 89 s alone against 109 s with the tiny config's two.)"""
   config = configlib.load_config("configs/ldm.py:tiny")
   configlib.apply_overrides(config, [
       f"data.data_dir={tmp_path / 'data'}", "num_steps=3", "stop_at_step=2",
-      "cache.enabled=True", "eval_every=0", "sample.every=0", "max_length=160"])
+      "cache.enabled=True", "eval_every=0", "sample.every=0", "max_length=160",
+      "unet.block_out_channels=(32,)", "unet.cross_attention=(True,)"])
   outputs = ldm.run(config, str(tmp_path / "run"))
   assert "stop_at_step" in outputs["unfinished"]
   caches = list((tmp_path / "run" / "cache").iterdir())

@@ -149,17 +149,18 @@ def test_rerun_skips_finished_stages(job):
 
 
 def test_interrupted_training_resumes(tmp_path):
-  config = _config("stop_after=ldm", "vae.num_steps=4", "vae.stop_at_step=2")
+  # The VAE of the session's main:test run (same steps: its compiled programs are reused).
+  config = _config("stop_after=ldm", "vae.stop_at_step=1")
   outputs = main_job.run(config, str(tmp_path))
-  # The VAE stopped at step 2 of 4 (as SIGTERM stops it): not marked finished, no LDM on it.
-  assert "stage vae unfinished: stopped at step 2 of 4" in outputs["stopped"]
+  # The VAE stopped at step 1 of 2 (as SIGTERM stops it): not marked finished, no LDM on it.
+  assert "stage vae unfinished: stopped at step 1 of 2" in outputs["stopped"]
   assert not (tmp_path / "stages" / "vae.json").exists() and not (tmp_path / "ldm").exists()
   configlib.apply_overrides(config, ["vae.stop_at_step=0", "stop_after=vae"])
   main_job.run(config, str(tmp_path))
   rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().split("\n")
           if line]
   steps = [row["step"] for row in rows if row["split"] == "train"]
-  assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 resumed, none repeated
+  assert steps == [1, 2]  # step 1 from the first run, 2 resumed, none repeated
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert list(summary["stages"]) == ["data", "vae"] and summary["stages"]["data"]["skipped"]
 
@@ -170,14 +171,17 @@ def test_interrupted_training_resumes(tmp_path):
     ("rlhf.rollout.candidates_per_prompt=1", "candidates_per_prompt must be >= 2"),
     ("rlhf.stage1.advantage_fallback=median", "advantage_fallback must be one of"),
     ("resolution=66", "not a multiple of the VAE.s downsampling factor 4"),
-    ("resolution=68", "must be a multiple of"),
+    # 68 px = 17 x 17 latents, which a two-level UNet cannot halve (main:test has one level).
+    (("resolution=68", "ldm.unet.block_out_channels=(32, 32)",
+      "ldm.unet.cross_attention=(True, False)"), "must be a multiple of"),
     ("vae.batch_size=0", "invalid VAE config"),
     ("grids.grades=(2, 5)", "DR grades 0-4"),
     ("report.samples_per_prompt=0", "at least 1"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):
+  overrides = (override,) if isinstance(override, str) else override
   with pytest.raises(ValueError, match=message):
-    main_job.run(_config(override), str(tmp_path))
+    main_job.run(_config(*overrides), str(tmp_path))
   assert not (tmp_path / "data").exists()
 
 

@@ -19,6 +19,7 @@ to stay frozen; only the "projection" subtree of the params is trainable.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -133,11 +134,13 @@ def empty_prompt_ids(max_length: int, tokens: SpecialTokens) -> tuple[jax.Array,
   return ids, mask
 
 
+@functools.partial(jax.jit, static_argnames=("encoder", "max_length", "tokens"))
 def empty_prompt_embedding(encoder: TextEncoder, params: Any, max_length: int,
                            tokens: SpecialTokens = UNCASED_BERT_TOKENS) -> jax.Array:
   """The unconditional embedding for classifier-free guidance.
 
-  Pure and jittable; broadcast the result over the batch.
+  Pure and jitted (one program per encoder and length, also when called outside a jit: run op
+  by op, a BERT forward compiles a hundred small programs); broadcast the result over the batch.
 
   Args:
     encoder: the text encoder.
