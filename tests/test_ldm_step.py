@@ -135,13 +135,14 @@ def test_cached_latents_and_embeddings_match_encoding(overfit_setup):
   config = step_config(caption_dropout=0.5, snr_gamma=5.0)
   rng = jax.random.fold_in(jax.random.key(3), 0)
   rng_latent = jax.random.split(rng, 4)[0]
-  cached = {
-      "latents": ldm_step.encode_latents(models, frozen["vae"], batch["image"], rng_latent),
+  cached = {  # jitted, as in training (op by op, each call compiles hundreds of small programs)
+      "latents": jax.jit(functools.partial(ldm_step.encode_latents, models))(
+          frozen["vae"], batch["image"], rng_latent),
       "text_embeddings": ldm_lib.encode_text(models, frozen["text"], batch["input_ids"],
                                              batch["attention_mask"]),
       "attention_mask": batch["attention_mask"],
   }
-  evaluate = functools.partial(ldm_step.ldm_eval_step, models=models, config=config)
+  evaluate = jax.jit(functools.partial(ldm_step.ldm_eval_step, models=models, config=config))
   rng = jax.random.key(3)
   a = evaluate(params["unet"], batch, jax.random.fold_in(rng, 0), frozen)
   b = evaluate(params["unet"], cached, jax.random.fold_in(rng, 0), frozen)
