@@ -27,6 +27,7 @@ from fundax.models import vae as vae_lib
 from fundax.train import ldm_step
 from fundax.train import optim
 from fundax.train import state as state_lib
+import tiny_ldm
 
 SIDE = 8  # latent side
 LENGTH = 96  # tokens: every caption style names the eye within its first dozen tokens
@@ -81,11 +82,9 @@ def test_a_tiny_ldm_learns_the_eye_from_the_caption():
   steps = 300
   tx = optim.make_optimizer({"lr": 1e-3, "total_steps": steps, "warmup_steps": 20,
                              "grad_clip_norm": 1.0})
-  # One jitted init (op by op, its RNG ops compiled hundreds of small programs), compiled
-  # without backend optimisation, as tests/tiny_ldm.py's: it runs once.
-  init = jax.jit(lambda key: models.unet.init(key, *unet_lib.dummy_inputs(unet))["params"],
-                 compiler_options={"xla_backend_optimization_level": 0})
-  state = state_lib.create(init(jax.random.key(0)), tx)
+  params = tiny_ldm.run_init(
+      lambda key: models.unet.init(key, *unet_lib.dummy_inputs(unet))["params"], jax.random.key(0))
+  state = state_lib.create(params, tx)
   config = ml_collections.ConfigDict({"caption_dropout": 0.1, "snr_gamma": 0.0,
                                       "ema_decay": 0.0})
   step = jax.jit(functools.partial(ldm_step.ldm_train_step, models=models, tx=tx,

@@ -21,6 +21,7 @@ from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
 from fundax.train import frozen_cache
 from fundax.trainers import ldm
+import tiny_ldm
 
 LENGTH = 96  # tokens: the longest caption of these phantoms fits
 
@@ -49,12 +50,11 @@ def setup(tmp_path_factory):
   models = ldm_lib.Models(unet=unet_lib.UNet2DConditionModel(unet_config),
                           vae=vae_lib.AutoencoderKL(vae_config), text=text,
                           scheduler={"beta_schedule": "scaled_linear"})
-  def init(key):  # one jitted init without backend optimisation (op by op: a program per op)
+  def init(key):
     key_vae, key_text = jax.random.split(key)
     return {"vae": models.vae.init(key_vae, jnp.zeros((1, 32, 32, 3)))["params"],
             "text": text.init(key_text, jnp.zeros((1, 4), jnp.int32))["params"]}
-  frozen = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(
-      jax.random.key(0))
+  frozen = tiny_ldm.run_init(init, jax.random.key(0))
   spec = frozen_cache.CacheSpec(
       data=frozen_cache.fingerprint_files(datasets.split_files(data, "train")),
       vae=frozen_cache.fingerprint_arrays(frozen["vae"]),

@@ -36,12 +36,15 @@ def tiny_models(text_mask=True):
       text_mask=text_mask)
 
 
-def init_params(models, seed=0):
-  """Random params for `tiny_models`.
+def run_init(init, key):
+  """`init(key)` as one jitted program compiled without backend optimisation: run op by op, an
+  init compiles a program per op, and XLA:CPU spends ~30 s optimising the many RNG ops of an
+  init, which runs once."""
+  return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(key)
 
-  One jitted init, compiled without backend optimisation: XLA:CPU spends ~30 s optimising the
-  many RNG ops of an init, which runs once.
-  """
+
+def init_params(models, seed=0):
+  """Random params for `tiny_models` (`run_init`)."""
   def init(key):
     k_unet, k_vae, k_text = jax.random.split(key, 3)
     x, t, ctx = unet_lib.dummy_inputs(models.unet.config)
@@ -50,8 +53,7 @@ def init_params(models, seed=0):
         "vae": models.vae.init(k_vae, jnp.zeros((1, 32, 32, 3)))["params"],
         "text": models.text.init(k_text, jnp.zeros((1, LENGTH), jnp.int32))["params"],
     }
-  no_opt = {"xla_backend_optimization_level": 0}
-  return jax.jit(init, compiler_options=no_opt)(jax.random.key(seed))
+  return run_init(init, jax.random.key(seed))
 
 
 def prompts(batch=2):
