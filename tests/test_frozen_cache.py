@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fundax import configlib
 from fundax.data import captions
 from fundax.data import datasets
 from fundax.data import pipeline
@@ -20,7 +19,6 @@ from fundax.models import text_encoder as text_lib
 from fundax.models import unet as unet_lib
 from fundax.models import vae as vae_lib
 from fundax.train import frozen_cache
-from fundax.trainers import ldm
 import tiny_ldm
 
 LENGTH = 96  # tokens: the longest caption of these phantoms fits
@@ -164,23 +162,3 @@ def test_cached_batches_replay_after_a_restore_and_shard_by_process(setup):
   assert set(rows[0]) | set(rows[1]) == {0, 1, 2, 3} and not set(rows[0]) & set(rows[1])
   one = frozen_cache.CachedBatches(cache, global_batch_size=2, seed=3, vae_config=config)
   assert sorted(np.concatenate([one._rows(0), one._rows(1)]).tolist()) == [0, 1, 2, 3]
-
-
-def test_ldm_trainer_trains_on_the_cache_and_reuses_it(tmp_path, caplog):
-  """A run split in two parts (stop_at_step): the first builds the cache, the second finds it.
-  (Both parts train under one schedule, so the second reuses the first's compiled step. A
-  one-level UNet: the module took 89 s alone against 109 s with the tiny config's two.)"""
-  config = configlib.load_config("configs/ldm.py:tiny")
-  configlib.apply_overrides(config, [
-      f"data.data_dir={tmp_path / 'data'}", "num_steps=3", "stop_at_step=2",
-      "cache.enabled=True", "eval_every=0", "sample.every=0", "max_length=160",
-      "unet.block_out_channels=(32,)", "unet.cross_attention=(True,)"])
-  outputs = ldm.run(config, str(tmp_path / "run"))
-  assert "stop_at_step" in outputs["unfinished"]
-  caches = list((tmp_path / "run" / "cache").iterdir())
-  assert len(caches) == 1 and (caches[0] / frozen_cache.MANIFEST).is_file()
-  configlib.apply_overrides(config, ["stop_at_step=0"])
-  with caplog.at_level("INFO", logger="fundax.train.frozen_cache"):
-    outputs = ldm.run(config, str(tmp_path / "run"))
-  assert "unfinished" not in outputs
-  assert "found" in caplog.text and list((tmp_path / "run" / "cache").iterdir()) == caches

@@ -69,6 +69,15 @@ def loop(ldm_dir, tmp_path_factory):
                             tmp_path_factory.mktemp("loop"), heldout_fn=darkness)
 
 
+@pytest.fixture(scope="module")
+def policy(loop):
+  """The loop's UNet params and frozen arrays placed as `rounds.run` places them (replicated
+  over the loop's mesh), so that the tests' rollouts and updates call the programs the runs
+  below compile instead of compiling them again for uncommitted host arrays."""
+  params = jax.device_put(loop.pipeline.params, parallel.replicated(loop.mesh))
+  return params["unet"], {"vae": params["vae"], "text": params["text"]}
+
+
 def new_state(loop, tx):
   """A train state of the loop's UNet placed as `rounds.run` places it (replicated over the
   loop's mesh): the update's output state has that placement, so a state placed otherwise
@@ -104,11 +113,10 @@ def test_loops_of_the_same_models_and_settings_share_their_jitted_steps(loop, ld
   assert build(**{"optim.end_lr_factor": 0.1, "num_rounds": 2}).ddpo_fn is not decay.ddpo_fn
 
 
-def test_update_recomputes_the_rollout_log_probs(loop):
-  params = loop.pipeline.params
-  frozen = {"vae": params["vae"], "text": params["text"]}
+def test_update_recomputes_the_rollout_log_probs(loop, policy):
+  unet, frozen = policy
   texts, key = loop.draw(0, 0, 0)
-  ro = loop.sample(params["unet"], frozen, texts, key)
+  ro = loop.sample(unet, frozen, texts, key)
   t_steps, b = ro.log_probs.shape
   assert ro.latents.shape == (t_steps + 1, b, 16, 16, 4) and ro.images.shape == (b, 32, 32, 3)
   lp = np.asarray(ro.log_probs)
@@ -117,10 +125,11 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   c = loop.config.rollout
   state = new_state(loop, loop.tx)
   batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
-           "prev_timesteps": ro.prev_timesteps, "advantages": jnp.linspace(-1.0, 1.0, b),
+           "prev_timesteps": ro.prev_timesteps,
+           "advantages": loop.shard(jnp.linspace(-1.0, 1.0, b)),  # split over the batch as a run's
            "cond": ro.cond, "uncond": ro.uncond, "guidance_scale": jnp.float32(c.guidance_scale),
            "eta": jnp.float32(c.eta), "clip_range": jnp.float32(0.2)}
-  _, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": params["unet"]})
+  _, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": unet})
   metrics = jax.device_get(metrics)
   assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-3
   assert float(metrics["approx_kl"]) < 1e-5 and float(metrics["clip_fraction"]) == 0.0
@@ -129,20 +138,19 @@ def test_update_recomputes_the_rollout_log_probs(loop):
   # A NaN advantage makes the loss NaN: the update is skipped, only the step advances.
   state = new_state(loop, loop.tx)
   before = jax.device_get(state)
-  batch["advantages"] = batch["advantages"].at[0].set(jnp.nan)
-  skipped, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": params["unet"]})
+  batch["advantages"] = loop.shard(batch["advantages"].at[0].set(jnp.nan))
+  skipped, metrics = loop.ddpo_fn(state, batch, jax.random.key(0), {"reference": unet})
   assert float(metrics["nonfinite"]) == 1 and int(skipped.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get((skipped.params, skipped.opt_state)),
                (before.params, before.opt_state))
 
 
-def test_micro_batched_update_equals_the_whole_batch_update(loop):
+def test_micro_batched_update_equals_the_whole_batch_update(loop, policy):
   """stage1.micro_batches only splits the backward pass: same update, same metrics."""
-  params = loop.pipeline.params
-  frozen = {"vae": params["vae"], "text": params["text"]}
+  unet, frozen = policy
   c = loop.config.rollout
   texts, key = loop.draw(0, 0, 0)
-  ro = loop.sample(params["unet"], frozen, texts, key)
+  ro = loop.sample(unet, frozen, texts, key)
   b = ro.log_probs.shape[1]
   batch = {"latents": ro.latents, "log_probs": ro.log_probs, "timesteps": ro.timesteps,
            "prev_timesteps": ro.prev_timesteps, "advantages": jnp.linspace(-1.0, 1.0, b),
@@ -160,7 +168,7 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
         sampler=c.sampler, stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
                                                                   c.sampler, c.num_steps)))
     results[parts] = jax.device_get(update(state, batch, jax.random.key(0),
-                                           {"reference": params["unet"]}))
+                                           {"reference": unet}))
   (whole, whole_metrics), (split, metrics) = results[1], results[2]
   # Gradients of order 1e-2, sums over the batch of terms whose advantages cancel: float32
   # summation order moves them by up to ~2e-5 (on one device); a wrong split or scaling of the
@@ -175,17 +183,16 @@ def test_micro_batched_update_equals_the_whole_batch_update(loop):
   with bad.unlocked():
     bad.micro_batches = 3
   with pytest.raises(ValueError, match="micro_batches"):
-    ddpo.ddpo_update_step(state, batch, jax.random.key(0), {"reference": params["unet"]},
+    ddpo.ddpo_update_step(state, batch, jax.random.key(0), {"reference": unet},
                           models=loop.pipeline.models, tx=tx, config=bad, sampler=c.sampler,
                           stochastic=rollout_lib.stochastic_steps(loop.pipeline.models,
                                                                   c.sampler, c.num_steps))
 
 
-def test_toy_reward_goes_up(loop):
+def test_toy_reward_goes_up(loop, policy):
   """DDPO updates rewarded by mean brightness: the batch's prompts, sampled again with the
   same noise after each update, come out brighter within three updates."""
-  params = loop.pipeline.params
-  frozen = {"vae": params["vae"], "text": params["text"]}
+  unet, frozen = policy
   c = loop.config.rollout
   stage1 = loop.config.stage1.copy_and_resolve_references()
   with stage1.unlocked():
@@ -210,7 +217,7 @@ def test_toy_reward_goes_up(loop):
              "cond": ro.cond, "uncond": ro.uncond,
              "guidance_scale": jnp.float32(c.guidance_scale), "eta": jnp.float32(c.eta),
              "clip_range": jnp.float32(loop.config.stage1.clip_range)}
-    state, _ = update(state, batch, jax.random.key(i), {"reference": params["unet"]})
+    state, _ = update(state, batch, jax.random.key(i), {"reference": unet})
   assert max(rewards[1:]) > rewards[0] + 0.01, rewards
 
 
@@ -291,20 +298,19 @@ def test_sigterm_in_round_0_evaluation_or_a_stage_saves_and_the_reruns_end_the_s
   assert_same_run(straight, again, tmp_path)
 
 
-def test_nan_heldout_readings_stop_the_run(loop, monkeypatch):
+def test_nan_heldout_readings_stop_the_run(loop, policy, monkeypatch):
   """A metric NaN from round 0 on measures nothing and is kept (the composite leaves it out);
   one that round 0 measured turning NaN stops the run without recording the round."""
-  params = loop.pipeline.params
-  frozen = {"vae": params["vae"], "text": params["text"]}
+  unet, frozen = policy
   progress = run_state.RunState.initial("")
   nan = float("nan")
   monkeypatch.setattr(loop, "heldout_fn", lambda images, prompts: {"darkness": 0.5,
                                                                    "unread": nan})
-  progress.history.append(rounds.evaluate_round(loop, params["unet"], frozen, 0, progress))
+  progress.history.append(rounds.evaluate_round(loop, unet, frozen, 0, progress))
   monkeypatch.setattr(loop, "heldout_fn", lambda images, prompts: {"darkness": nan,
                                                                    "unread": nan})
   with pytest.raises(loop_lib.NonFiniteMetricError, match=r"\['darkness'\] are NaN/inf"):
-    rounds.evaluate_round(loop, params["unet"], frozen, 1, progress)
+    rounds.evaluate_round(loop, unet, frozen, 1, progress)
   assert len(progress.history) == 1  # nothing recorded
 
 

@@ -1,8 +1,9 @@
 """End-to-end tests of the VAE and LDM trainers on their tiny configs (a few CPU steps).
 
-One full run per trainer (module-scoped, through the `fundax train` CLI for the LDM) is shared
-by every test: its outputs, resume equivalence (4 steps == 2 steps, a SIGTERM, a restore and 2
-steps) and `fundax sample` on its checkpoint.
+One full run per trainer (module-scoped, through the `fundax train` CLI for the LDM, which
+trains on the frozen cache) is shared by every test: its outputs, resume equivalence (4 steps ==
+2 steps, a SIGTERM, a restore and 2 steps, the second part reusing the first's cache) and
+`fundax sample` on its checkpoint.
 """
 
 import json
@@ -18,6 +19,7 @@ from PIL import Image
 from fundax import checkpoint
 from fundax import cli
 from fundax import configlib
+from fundax.train import frozen_cache
 from fundax.train import loop
 from fundax.trainers import ldm
 from fundax.trainers import vae
@@ -31,13 +33,16 @@ def data_dir(tmp_path_factory):
 
 # The LDM runs a one-level UNet: what these tests check is the trainer (outputs, resume,
 # sampling from its checkpoint), and the module took 175 s alone against 213 s with the tiny
-# config's two levels (tests/test_conditioning.py trains a two-level UNet).
-ONE_LEVEL_UNET = {"unet.block_out_channels": "(32,)", "unet.cross_attention": "(True,)"}
+# config's two levels (tests/test_conditioning.py trains a two-level UNet). It trains on the
+# frozen cache, the default of every config but the tiny one; encoding in every step is the
+# main job's test variant's (tests/test_main_job.py).
+LDM = {"unet.block_out_channels": "(32,)", "unet.cross_attention": "(True,)",
+       "cache.enabled": "True"}
 
 
 def overrides(data_dir, name, **items):
-  unet = ONE_LEVEL_UNET if name == "ldm" else {}
-  return [f"{k}={v}" for k, v in {"data.data_dir": data_dir, **unet, **items}.items()]
+  ldm_items = LDM if name == "ldm" else {}
+  return [f"{k}={v}" for k, v in {"data.data_dir": data_dir, **ldm_items, **items}.items()]
 
 
 def tiny_config(name, data_dir, **items):
@@ -100,9 +105,10 @@ def test_ldm_trainer_outputs(ldm_run):
 
 @pytest.mark.parametrize("name", ["vae", "ldm"])
 def test_sigterm_saves_and_resume_equals_straight_run(name, request, data_dir, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, caplog):
   """SIGTERM during step 1 (as a preempted VM gets it): step 2 is saved, the run returns
-  cleanly, and rerunning the command continues to step 4 exactly like the straight run.
+  cleanly, and rerunning the command continues to step 4 exactly like the straight run; the
+  LDM's first part builds the frozen cache and the second finds it instead of encoding again.
   (Evaluation and grids do not touch the state; leaving them out saves compiles.)"""
   trainer, straight = {"vae": (vae, "vae_run"), "ldm": (ldm, "ldm_run")}[name]
   straight = request.getfixturevalue(straight)
@@ -124,10 +130,16 @@ def test_sigterm_saves_and_resume_equals_straight_run(name, request, data_dir, t
   assert "preempted" in outputs["unfinished"]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert max(r["step"] for r in read_metrics(tmp_path)) == 2
-  outputs = trainer.run(tiny_config(name, data_dir, num_steps=4, **no_hooks), str(tmp_path))
+  caches = sorted((tmp_path / "cache").glob("*")) if name == "ldm" else []
+  if name == "ldm":
+    assert len(caches) == 1 and (caches[0] / frozen_cache.MANIFEST).is_file()
+  with caplog.at_level("INFO", logger="fundax.train.frozen_cache"):
+    outputs = trainer.run(tiny_config(name, data_dir, num_steps=4, **no_hooks), str(tmp_path))
   assert "unfinished" not in outputs
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
   assert_trees_close(params_of(tmp_path), params_of(straight))
+  if name == "ldm":
+    assert "found" in caplog.text and sorted((tmp_path / "cache").glob("*")) == caches
 
 
 def test_cli_sample_from_the_checkpoint_alone(ldm_run, tmp_path, capsys):

@@ -108,19 +108,24 @@ def apply_fn(config, dtype=jnp.float32):
 LOWERING_MASK = np.array([[1] * 8, [1] * 5 + [0] * 3], bool)
 
 
-def lowering_grads(config, params):
-  """Gradients of a mean-square loss of the UNet on `inputs(8)`, through `config`'s lowering."""
+def lowering_run(config, params):
+  """The UNet's output on `inputs(8)` under LOWERING_MASK and the gradients of its mean square,
+  through `config`'s lowering: one jitted program for both (one compile per lowering)."""
   _, (jx, jt, jctx) = inputs(8)
   model = unet.UNet2DConditionModel(config)
-  loss = lambda p: jnp.mean(model.apply({"params": p}, jx, jt, jctx,
-                                        jnp.asarray(LOWERING_MASK)) ** 2)
-  return jax.jit(jax.grad(loss))(params)
+
+  def loss(p):
+    out = model.apply({"params": p}, jx, jt, jctx, jnp.asarray(LOWERING_MASK))
+    return jnp.mean(out ** 2), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return out, grads
 
 
 @pytest.fixture(scope="module")
-def plain_grads(sd1_imported):
-  """The plain lowering's gradients, which every other lowering is compared with."""
-  return lowering_grads(*sd1_imported)
+def plain_run(sd1_imported):
+  """The plain lowering's output and gradients, which every other lowering is compared with."""
+  return lowering_run(*sd1_imported)
 
 
 def test_sd1_parity(sd1, sd1_imported):
@@ -220,13 +225,13 @@ def test_remat_wraps_blocks_and_keeps_outputs(sd1_imported):
   assert "remat" not in grad_jaxpr(config)
 
 
-def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported, plain_grads):
+def test_query_chunked_attention_keeps_outputs_and_gradients(sd1_imported, plain_run):
   config, params = sd1_imported
   chunked = dataclasses.replace(config, attention_chunk=64)  # 256 tokens at 16x16: 4 chunks
   _, jax_in = inputs(8)
-  np.testing.assert_allclose(apply_fn(chunked)(params, *jax_in), apply_fn(config)(params, *jax_in),
-                             rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(lowering_grads(chunked, params)), jax.tree.leaves(plain_grads)):
+  out, grads = lowering_run(chunked, params)
+  np.testing.assert_allclose(out, plain_run[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_run[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   jaxpr = lambda cfg: str(jax.make_jaxpr(apply_fn(cfg))(params, *jax_in))
   assert "scan" in jaxpr(chunked) and "scan" not in jaxpr(config)
@@ -253,21 +258,21 @@ LOWERINGS = {  # UNetConfig fields -> forward tolerance against diffusers (float
 
 
 @pytest.mark.parametrize("name", sorted(LOWERINGS))
-def test_lowerings_match_diffusers_and_the_plain_gradients(sd1, sd1_imported, plain_grads, name):
+def test_lowerings_match_diffusers_and_the_plain_gradients(sd1, sd1_imported, plain_run, name):
   """Each lowering computes diffusers' UNet (same weights) and the same gradients."""
   torch_model, _ = sd1
   config, params = sd1_imported
   fields, tol = LOWERINGS[name]
   lowered = dataclasses.replace(config, **fields)
-  (x, t, ctx), (jx, jt, jctx) = inputs(8)
+  (x, t, ctx), _ = inputs(8)
   with torch.no_grad():
     ref = torch_model(x, t, ctx, encoder_attention_mask=torch.tensor(LOWERING_MASK)).sample
-  out = apply_fn(lowered)(params, jx, jt, jctx, jnp.asarray(LOWERING_MASK))
+  out, lowered_grads = lowering_run(lowered, params)
   err = rel_err(out, ref.numpy().transpose(0, 2, 3, 1))
   print(f"UNet lowering {name}: rel err {err:.2e} against diffusers")
   assert err <= tol
 
-  lowered_grads = lowering_grads(lowered, params)
+  plain_grads = plain_run[1]
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads))
   worst = max(float(jnp.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(lowered_grads), jax.tree.leaves(plain_grads)))
