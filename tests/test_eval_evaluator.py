@@ -226,6 +226,25 @@ def test_local_contrast_flattens_background_keeps_dots():
   assert out[30, 20, 0] < -0.6
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (1, 128, 96, 3), (1, 8, 8, 3)])
+def test_local_contrast_equals_the_separable_gaussian_convolution(shape):
+  """The banded-matrix blur sums what a "SAME" per-channel convolution with the Gaussian taps
+  sums (zero padding included), at the evaluator's sizes, a non-square one and a tiny one."""
+  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  sigma = max(ev.CONTRAST_SIGMA * shape[1], 0.5)
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = (taps / taps.sum()).astype(np.float32)
+  blurred = images
+  for kernel_shape in ((len(taps), 1), (1, len(taps))):
+    kernel = np.tile(taps.reshape(*kernel_shape, 1, 1), (1, 1, 1, shape[-1]))
+    blurred = jax.lax.conv_general_dilated(
+        blurred, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=shape[-1])
+  np.testing.assert_allclose(ev.local_contrast(images), ev.CONTRAST_GAIN * (images - blurred),
+                             rtol=0, atol=1e-5)
+
+
 def test_load_rejects_damaged_directories_naming_the_file(tiny, tmp_path):
   model, params = tiny
   good = tmp_path / "ev"

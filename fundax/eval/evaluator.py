@@ -152,25 +152,34 @@ CONTRAST_SIGMA = 1 / 60  # Gaussian width of the local background, as a fraction
 CONTRAST_GAIN = 4.0  # scales image - background so lesion contrast spans about [-1, 1]
 
 
+def gaussian_band(n: int, sigma: float) -> np.ndarray:
+  """[n, n] matrix of a 1-D Gaussian blur (taps to 3 sigma, normalised) with zero padding:
+  `band @ x` blurs x along its first axis exactly as a "SAME" convolution with those taps."""
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = taps / taps.sum()
+  offset = np.arange(n)[None, :] - np.arange(n)[:, None] + radius  # tap index of (row, column)
+  inside = (offset >= 0) & (offset < len(taps))
+  return np.where(inside, taps[np.clip(offset, 0, len(taps) - 1)], 0.0)
+
+
 def local_contrast(images: jax.Array) -> jax.Array:
   """CONTRAST_GAIN * (image - Gaussian-blurred image): small dots and spots stand out.
 
   The fixed high-pass of Graham's Kaggle DR preprocessing: microaneurysms, haemorrhages,
   exudates and drusen are a few pixels across and differ from the local background by a few
   grey levels, far less than the background varies across the field, so a network sees them
-  sooner in the difference. Separable Gaussian convolution, per channel.
+  sooner in the difference. The separable Gaussian blur runs as two matrix products with
+  banded matrices (`gaussian_band`), the same sums as a per-channel convolution: XLA:CPU runs
+  that grouped convolution ~30x slower (55 ms against 1.9 ms for 32 images of 64 px, 517
+  against 26 ms for 64 of 128 px), most of the step of the TSTR and C2ST classifiers.
   """
-  _, h, _, c = images.shape
+  _, h, w, _ = images.shape
   sigma = max(CONTRAST_SIGMA * h, 0.5)
-  radius = int(np.ceil(3 * sigma))
-  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-  taps = jnp.asarray(taps / taps.sum(), images.dtype)
-  blurred = images
-  for shape in ((len(taps), 1), (1, len(taps))):
-    kernel = jnp.tile(taps.reshape(*shape, 1, 1), (1, 1, 1, c))  # HWIO, one filter per channel
-    blurred = jax.lax.conv_general_dilated(
-        blurred, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c)
+  rows = jnp.asarray(gaussian_band(h, sigma), images.dtype)
+  cols = jnp.asarray(gaussian_band(w, sigma), images.dtype)
+  blurred = jnp.einsum("hk,nkwc->nhwc", rows, images)
+  blurred = jnp.einsum("wk,nhkc->nhwc", cols, blurred)
   return CONTRAST_GAIN * (images - blurred)
 
 
