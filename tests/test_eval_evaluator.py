@@ -10,6 +10,7 @@ import pytest
 
 from fundax import checkpoint
 from fundax import configlib
+from fundax.data import phantom
 from fundax.eval import evaluator as ev
 from fundax.eval import evaluator_train
 from fundax.interop import params_io
@@ -167,9 +168,12 @@ def test_head_metrics_hand_case():
   # sum(W E) = (2 * 3 + 2 * 12 + 2 * 1) / 80 = 0.4 -> kappa = 1 - 0.5 / 0.4 = -0.25.
   # Referable DR (grade >= 2): the one referable eye scores p(>= 2) = 0, tied with three of
   # the four others and below 0.7 -> 1.5 / 4. Glaucoma (true CDR >= 0.65): the glaucomatous
-  # disc's predicted CDR 0.5 beats the other's 0.3 -> 1.
+  # disc's predicted CDR 0.5 beats the other's 0.3 -> 1. Grade by grade against grade 0
+  # (healthy 1 - p0 {0.1, 0.4, 0.7}): the grade-1 eye's 0.8 beats all three -> 1; the grade-2
+  # eye's 0.4 beats one and ties one -> 1.5 / 3; no eye has grade 3 or 4 -> no score.
   assert out == pytest.approx({"dr_grade_accuracy": 0.6, "dr_grade_majority": 0.6,
                                "dr_grade_qwk": -0.25, "dr_grade_auroc": 4.5 / 6,
+                               "dr_grade_auroc_1": 1.0, "dr_grade_auroc_2": 0.5,
                                "referable_dr_auroc": 1.5 / 4, "glaucoma_auroc": 1.0,
                                "cdr_mae": 0.125, "cdr_accuracy": 0.5})
 
@@ -304,7 +308,6 @@ def test_evaluator_draws_no_image_the_selector_or_the_generator_learns_from(vari
 def test_laterality_and_field_targets_follow_the_pixels():
   """Not misaligned labels: the laterality target is the side the disc is drawn on, also for
   a mirrored image with its labels flipped (the pipeline's laterality-aware flip)."""
-  from fundax.data import phantom
   from fundax.eval import anatomy_checks
   for i, eye in enumerate(("right", "left") * 3):
     sample = phantom.generate(321_000 + i, 64, laterality=eye, field="macula", quality="good")
@@ -369,7 +372,6 @@ def test_the_quickstart_evaluator_ships_and_is_found_by_its_recipe(tmp_path):
   evaluator = ev.load_evaluator(outputs["evaluator_dir"])
   assert evaluator.resolution == 64 and evaluator.heldout == stated
   # Its weights are the trained ones: the eye of a few held-out macula-centred phantoms.
-  from fundax.data import phantom
   eyes = ("right", "left") * 4
   images = np.stack([phantom.generate(777_000 + i, 64, laterality=eye, field="macula",
                                       quality="good").image for i, eye in enumerate(eyes)])

@@ -169,3 +169,14 @@ def test_rlhf_section_shows_rounds_verdict_and_figures(tmp_path):
   assert "held-out prompts at the kept round 1" in html
   html = report.rlhf_section(history, best_round=0, stop_reason="composite fell <0.1>", **pngs)
   assert "composite fell &lt;0.1&gt;" in html  # the verdict is escaped
+
+
+def test_evaluator_table_shows_each_grade_against_none():
+  heldout = {"hypertensive_grade_accuracy": 0.4, "hypertensive_grade_majority": 0.56,
+             "hypertensive_grade_auroc": 0.68, "hypertensive_grade_auroc_1": 0.53,
+             "hypertensive_grade_auroc_2": 0.49, "hypertensive_grade_auroc_4": 0.99,
+             "dme_accuracy": 0.78, "dme_majority": 0.85, "dme_auroc": 0.88}
+  html = report.evaluator_table(heldout, ["dme"])
+  rows = dict(re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", html))
+  assert rows["hypertensive_grade"].endswith("<td>1: 0.53, 2: 0.49, 4: 0.99</td>")
+  assert rows["dme"].endswith("<td>0.88</td><td></td>")  # a yes/no head has no grades

@@ -187,6 +187,24 @@ def test_arteries_narrower_than_veins_and_narrowed_in_hypertension():
   assert s.record["params"]["artery_radius"] < 0.55 * s.record["params"]["vein_radius"]
 
 
+def test_vessel_opacity_keeps_the_calibre_the_masks_lose():
+  """At 64 px a narrowed artery is still drawn a pixel wide in the mask; its opacity (what
+  darkens the image) keeps the narrowing, and is drawn only where the image shows vessels."""
+  opacity_ratio, mask_ratio = [], []
+  for grade in (0, 1):
+    s = phantom.generate(4, 64, **(NORMAL | dict(hypertensive_grade=grade)))
+    op = s.vessel_opacity
+    assert op.shape == (64, 64, 2) and op.dtype == np.float32
+    assert op.min() >= 0 and op.max() <= 1 and not op[~s.masks["fov"]].any()
+    outside_disc = ~s.masks["disc"]
+    assert (op[..., 0][s.masks["arteries"] & outside_disc] > 0).all()
+    assert (op[..., 1][s.masks["veins"] & outside_disc] > 0).all()
+    opacity_ratio.append(op[..., 0].sum() / op[..., 1].sum())
+    mask_ratio.append(s.masks["arteries"].sum() / s.masks["veins"].sum())
+  assert opacity_ratio[1] < 0.75 * opacity_ratio[0]
+  assert mask_ratio[1] > 0.75 * mask_ratio[0]  # what the masks alone barely show
+
+
 def test_geographic_atrophy_is_pale():
   s = phantom.generate(2, 256, amd_stage=3, dr_grade=0, hypertensive_grade=0, quality="good")
   ga = s.masks["atrophy"] & ~s.masks["vessels"]

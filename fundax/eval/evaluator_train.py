@@ -291,11 +291,14 @@ def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np
   Categorical heads: accuracy and the majority-class rate (accuracy means little without it);
   ordinal ones also quadratic weighted kappa (0 for any constant guess); with `probabilities`,
   the AUROC of "class > 0" (any disease, DME, a not-good image, a left eye) scored by
-  1 - p(class 0), which is 0.5 for a constant guess, and for the DR grade also the AUROC of
-  referable DR (grade >= 2) scored by p(grade >= 2). CDR: MAE and within-0.1 accuracy, and
-  the AUROC of a glaucomatous disc (CDR >= GLAUCOMA_CDR) scored by the predicted CDR. With a
-  field head and target, laterality is also scored on macula-centred images alone (where the
-  disc's side says it; a disc-centred image shows it only by the macula's side).
+  1 - p(class 0), which is 0.5 for a constant guess, for each grade g of a graded head the same
+  AUROC of grade g against grade 0 alone (`{head}_auroc_{g}`: which signs are read, e.g. a
+  hypertensive grade 1, arteriolar narrowing, against grade 4, papilloedema), and for the DR
+  grade also the AUROC of referable DR (grade >= 2) scored by p(grade >= 2). CDR: MAE and
+  within-0.1 accuracy, and the AUROC of a glaucomatous disc (CDR >= GLAUCOMA_CDR) scored by
+  the predicted CDR. With a field head and target, laterality is also scored on
+  macula-centred images alone (where the disc's side says it; a disc-centred image shows it
+  only by the macula's side).
   """
   out = {}
   for name, pred in predictions.items():
@@ -315,7 +318,13 @@ def head_metrics(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np
       out[f"{name}_qwk"] = consistency.quadratic_weighted_kappa(
           true, pred, evaluator_lib.HEADS[name])
     if probabilities is not None and name in probabilities:
-      out[f"{name}_auroc"] = consistency.auroc(true > 0, 1.0 - probabilities[name][:, 0])
+      sick = 1.0 - probabilities[name][:, 0]
+      out[f"{name}_auroc"] = consistency.auroc(true > 0, sick)
+      if evaluator_lib.HEADS[name] > 2:  # which grades are read: grade g alone against grade 0
+        for grade in range(1, evaluator_lib.HEADS[name]):
+          pair = (true == 0) | (true == grade)
+          if (true == grade).any() and (true == 0).any():
+            out[f"{name}_auroc_{grade}"] = consistency.auroc(true[pair] > 0, sick[pair])
       if name == "dr_grade":
         referable = consistency.REFERABLE_DR_GRADE
         out["referable_dr_auroc"] = consistency.auroc(

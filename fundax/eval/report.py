@@ -109,6 +109,13 @@ def selector_table(selector: Mapping) -> str:
           f"<table><tr><th>independent measure</th><th>Spearman</th></tr>{body}</table>")
 
 
+def _by_grade(heldout: Mapping[str, float], name: str) -> str:
+  """'1: 0.53, 2: 0.49, ...': a graded head's AUROC of each grade alone against grade 0."""
+  grades = sorted(int(k.rsplit("_", 1)[1]) for k in heldout
+                  if k.startswith(f"{name}_auroc_") and k.rsplit("_", 1)[1].isdigit())
+  return ", ".join(f"{g}: {_fmt(heldout[f'{name}_auroc_{g}'])}" for g in grades)
+
+
 def evaluator_table(heldout: Mapping[str, float], readable: Sequence[str]) -> str:
   """The evaluator's own held-out phantom scores, each accuracy beside its majority rate."""
   if not heldout:
@@ -118,13 +125,15 @@ def evaluator_table(heldout: Mapping[str, float], readable: Sequence[str]) -> st
       f"<tr><td>{html.escape(n)}</td><td>{_fmt(heldout.get(f'{n}_accuracy', math.nan))}</td>"
       f"<td>{_fmt(heldout.get(f'{n}_majority', math.nan))}</td>"
       f"<td>{_fmt(heldout.get(f'{n}_qwk', math.nan))}</td>"
-      f"<td>{_fmt(heldout.get(f'{n}_auroc', math.nan))}</td></tr>" for n in names)
+      f"<td>{_fmt(heldout.get(f'{n}_auroc', math.nan))}</td>"
+      f"<td>{html.escape(_by_grade(heldout, n))}</td></tr>" for n in names)
   extra = ", ".join(f"{k} {_fmt(heldout[k])}" for k in (
       "referable_dr_auroc", "glaucoma_auroc", "laterality_macula_accuracy", "cdr_mae")
                     if k in heldout)
   return (f"<table><tr><th>attribute</th><th>accuracy</th><th>majority rate</th><th>QWK</th>"
-          f"<th>AUROC (any vs none)</th></tr>{body}</table><p>{html.escape(extra)}. Scored in "
-          f"consistency at this size: {html.escape(', '.join(readable) or 'all')}.</p>")
+          f"<th>AUROC (any vs none)</th><th>AUROC by grade (g vs none)</th></tr>{body}</table>"
+          f"<p>{html.escape(extra)}. Scored in consistency at this size: "
+          f"{html.escape(', '.join(readable) or 'all')}.</p>")
 
 
 def confusion_figure(name: str, confusion) -> str:

@@ -43,6 +43,12 @@ class PhantomSample:
 
   image: np.ndarray  # uint8 [H, W, 3]
   masks: dict[str, np.ndarray]  # MASK_NAMES -> bool [H, W]
+  # How opaque each pixel's arteries and veins are where the image shows them (inside the
+  # field, not under the cup or a swollen disc margin): the anti-aliased coverage times the
+  # cylindrical profile that darkens the image, float32 [H, W, 2] (arteries, veins) in [0, 1].
+  # Unlike the masks, which draw a vessel narrower than a pixel a pixel wide, it keeps the
+  # sub-pixel calibre (bench/ht_signal.py).
+  vessel_opacity: np.ndarray
   labels: labels_lib.FundusLabels
   record: dict[str, Any]  # JSON-serialisable: every parameter, lesion positions, labels
 
@@ -99,7 +105,10 @@ def render(case: case_lib.Case, resolution: int) -> PhantomSample:
   noise_rng = np.random.default_rng([*info["tree_seeds"], resolution])
   img = img + SENSOR_NOISE * noise_rng.standard_normal(img.shape, np.float32) * fov[..., None]
   image = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-  return PhantomSample(image=image, masks=_masks(masks, fov), labels=case.labels(),
+  shown = (1.0 - veil) * fov
+  opacity = np.stack([art_op * shown, vein_op * shown], -1).astype(np.float32)
+  return PhantomSample(image=image, masks=_masks(masks, fov), vessel_opacity=opacity,
+                       labels=case.labels(),
                        record=case.record() | {"resolution": int(resolution)})
 
 
