@@ -105,7 +105,7 @@ def render(case: case_lib.Case, resolution: int) -> PhantomSample:
   noise_rng = np.random.default_rng([*info["tree_seeds"], resolution])
   img = img + SENSOR_NOISE * noise_rng.standard_normal(img.shape, np.float32) * fov[..., None]
   image = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-  shown = (1.0 - veil) * fov
+  shown = hide[..., 0] * fov  # the vessels the image shows: the same veil, inside the field
   opacity = np.stack([art_op * shown, vein_op * shown], -1).astype(np.float32)
   return PhantomSample(image=image, masks=_masks(masks, fov), vessel_opacity=opacity,
                        labels=case.labels(),
