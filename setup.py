@@ -82,8 +82,9 @@ setup(
     # resolve by name in an installed wheel too (fundax.configlib).
     packages=find_packages(include=["fundax", "fundax.*"]) + ["fundax.configs"],
     package_dir={"fundax.configs": "configs"},
-    # The shipped evaluators (trained by bench/judges.py --ship; see fundax/eval/evaluator_train.py).
-    package_data={"fundax.eval": ["evaluators/**/*"]},
+    # The shipped evaluators (trained by bench/judges.py --ship; see fundax/eval/evaluator_train.py)
+    # and autoencoders (bench/autoencoder.py --ship; fundax.models.ldm.SHIPPED_VAES).
+    package_data={"fundax.eval": ["evaluators/**/*"], "fundax.models": ["autoencoders/**/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fundax=fundax.cli:main"]},

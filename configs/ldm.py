@@ -68,7 +68,8 @@ def get_config(arg=None):
   c.cache.enabled = not tiny  # train on the cache (the tiny test config encodes per step)
   c.cache.dir = ""  # where caches live ("" = <workdir>/cache), one subdirectory per key
   c.text_encoder = "minilm"  # text encoder spec: minilm, random, a local dir or a hub id
-  # configs/vae.py run (workdir or checkpoints dir) or `fundax convert vae` dir; "" = fresh VAE.
+  # configs/vae.py run (workdir or checkpoints dir), `fundax convert vae` dir or the name of an
+  # autoencoder fundax ships ("phantom-64": 64 px, f = 4, 8 latent channels); "" = fresh VAE.
   c.vae_checkpoint = ""
   c.vae = ml_collections.ConfigDict()  # the fresh VAE's architecture (vae_checkpoint = "")
   c.vae.block_out_channels = pick((64, 128, 256), (16, 32), (128, 256, 512, 512))  # per level

@@ -68,8 +68,14 @@ def get_config(arg=None):
   c.preview.tile = 256  # tile size, px
 
   c.vae = _trainer_config("vae", sub, c)
+  # A trained autoencoder the LDM trains on instead of one trained by the job (a `fundax train
+  # vae` run, a `fundax convert vae` directory, or the name of one fundax ships); "" trains
+  # the `vae` section in <workdir>/vae. The Quickstart's is "phantom-64": the `vae` section's
+  # architecture trained by bench/autoencoder.py for 4,000 steps on 4,096 phantoms, which the
+  # job's budget cannot give its own VAE (README, "The generator").
+  c.vae_checkpoint = "phantom-64" if small and not test else ""
   c.ldm = _trainer_config("ldm", sub, c)
-  # c.ldm.vae_checkpoint is set by the main job to the VAE stage's run.
+  # c.ldm.vae_checkpoint is set by the main job to the VAE stage's output.
   # The generator's recipe (README, "The generator"): the real pretrained text encoder, its
   # token states and the VAE latents encoded once (frozen cache), v-prediction on a
   # zero-terminal-SNR schedule with trailing sampler steps (sampling starts from pure noise,
@@ -100,7 +106,7 @@ def get_config(arg=None):
     v.eval_every = v.sample_every = v.checkpoint_every = 2 if test else 150
     v.eval_batch_size = 8
     u.max_length = 8 if test else 160  # tokens: the longest phantom caption (146) is not cut
-    u.num_steps = 2 if test else 1200
+    u.num_steps = 2 if test else 1500
     u.batch_size = 8 if test else 16
     # test: one level (the tests check the job's wiring; fewer UNet programs' ops to compile)
     u.unet.block_out_channels = (32,) if test else (32, 64)

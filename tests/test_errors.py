@@ -132,6 +132,8 @@ BATTERY = [
     (["main", "--workdir", "{root}/w", "--config", "{configs}/name_error.py"],
      "NameError: name 'undefined_name'"),
     (["main", "--workdir", "{root}/w", "--config.nope=1"], "no field 'nope'"),
+    (["main", "--workdir", "{root}/w", "--config", "main:tiny", "--config.vae_checkpoint=nope"],
+     "'nope' is neither a directory nor an autoencoder fundax ships"),
     (["train", "ldm", "--workdir", "{root}/w", "--config", "{configs}/syntax.py"], "syntax.py"),
     (["rlhf", "--workdir", "{root}/w", "--config", "{configs}/name_error.py"], "NameError"),
     (["data", "stats", "--config", "{configs}/syntax.py"], "syntax.py"),
@@ -357,6 +359,14 @@ def test_shipped_evaluator_is_verified(caplog):
   with caplog.at_level("WARNING"):
     for directory in shipped:
       evaluator_lib.load_evaluator(directory)
+  assert "unverified" not in caplog.text
+
+
+def test_shipped_autoencoders_are_verified(caplog):
+  assert ldm_lib.shipped_vaes()
+  with caplog.at_level("WARNING"):
+    for name in ldm_lib.shipped_vaes():
+      ldm_lib.load_vae(name)
   assert "unverified" not in caplog.text
 
 

@@ -14,6 +14,7 @@ from fundax import configlib
 from fundax.data import captions
 from fundax.data import labels as labels_lib
 from fundax.eval import run as eval_run
+from fundax.models import ldm as ldm_lib
 from fundax.trainers import main_job
 from fundax.trainers import stage_results as sr
 
@@ -163,6 +164,26 @@ def test_interrupted_training_resumes(tmp_path):
   assert steps == [1, 2]  # step 1 from the first run, 2 resumed, none repeated
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert list(summary["stages"]) == ["data", "vae"] and summary["stages"]["data"]["skipped"]
+
+
+def test_the_vae_stage_measures_a_shipped_vae_instead_of_training(tmp_path):
+  config = _config("vae_checkpoint=phantom-64", "stop_after=vae")
+  main_job.run(config, str(tmp_path))
+  result = sr.TrainResult.from_json(
+      json.loads((tmp_path / "stages" / "vae.json").read_text())["outputs"])
+  assert result.checkpoints == str(ldm_lib.SHIPPED_VAES / "phantom-64")  # what the LDM loads
+  assert not (tmp_path / "vae" / "checkpoints").exists()  # nothing trained
+  # Measured on the job's own validation phantoms: a trained VAE, not a random one (~10 dB).
+  assert result.eval["psnr"] > 25 and result.eval["count"] == config.data.num_validation
+  assert _tiles(tmp_path / "vae" / "samples" / "reconstructions.png")[2] == 3
+  record = json.loads((tmp_path / "stages" / "vae.json").read_text())
+  assert record["config"]["vae_checkpoint"] == "phantom-64"  # a rerun with another one reruns
+
+
+def test_a_missing_vae_checkpoint_fails_before_compute(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no_such_vae"):
+    main_job.run(_config(f"vae_checkpoint={tmp_path / 'no_such_vae'}"), str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "data").exists()
 
 
 @pytest.mark.parametrize("override,message", [

@@ -26,15 +26,19 @@ _CHECKS = textwrap.dedent("""
     import fundax
     from fundax import cli, configlib, sampling
     from fundax.eval import evaluator, evaluator_train
+    from fundax.models import ldm
     from fundax.trainers import main_job
     config = configlib.load_config("main:tiny")
     run_dir, finished = evaluator_train.find_run(config.evaluator, cache="evaluator_cache")
     evaluator.load_evaluator(finished["evaluator_dir"])
+    vae_dir = ldm.resolve_vae(config.vae_checkpoint)  # the autoencoder the Quickstart reads
+    ldm.load_vae(vae_dir)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
       serve_rc = cli.main(["feedback", "serve", "--db", "ratings.db"])
     print(json.dumps({
-        "fundax": fundax.__file__, "evaluator": str(run_dir), "serve_rc": serve_rc,
+        "fundax": fundax.__file__, "evaluator": str(run_dir), "vae": vae_dir,
+        "serve_rc": serve_rc,
         "configs": [str(p) for p in configlib.shipped_configs().values()],
         "serve_err": err.getvalue()}))
 """)
@@ -67,8 +71,8 @@ def test_installed_wheel_works_outside_the_checkout(wheel_site, tmp_path):
                           capture_output=True, text=True)
   assert checks.returncode == 0, checks.stderr[-3000:]
   facts = json.loads(checks.stdout.strip().splitlines()[-1])
-  # The wheel's fundax, configs and shipped evaluator: nothing read from the checkout.
-  for path in [facts["fundax"], facts["evaluator"], *facts["configs"]]:
+  # The wheel's fundax, configs, shipped evaluator and VAE: nothing read from the checkout.
+  for path in [facts["fundax"], facts["evaluator"], facts["vae"], *facts["configs"]]:
     assert pathlib.Path(path).is_relative_to(wheel_site), path
   assert {pathlib.Path(p).stem for p in facts["configs"]} >= {"main", "data", "evaluator", "rlhf"}
   # sampling and the main job imported without the web stack; serving names the extra.

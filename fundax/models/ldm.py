@@ -39,6 +39,9 @@ from fundax.models import vae as vae_lib
 log = logging.getLogger(__name__)
 
 CANONICAL_EYES = ("", "right")  # "": images in their own orientation
+# The autoencoders that ship with fundax (`fundax convert`-style params directories, trained by
+# bench/autoencoder.py --ship), each named by its directory: `vae_checkpoint="phantom-64"`.
+SHIPPED_VAES = pathlib.Path(__file__).resolve().parent / "autoencoders"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,8 +206,31 @@ def is_params_dir(path: str) -> bool:
   return (pathlib.Path(path) / params_io.CONFIG_FILE).is_file()
 
 
+def shipped_vaes() -> list[str]:
+  """The names of the autoencoders that ship with fundax."""
+  if not SHIPPED_VAES.is_dir():
+    return []
+  return sorted(p.name for p in SHIPPED_VAES.iterdir() if is_params_dir(str(p)))
+
+
+def resolve_vae(path: str) -> str:
+  """`path` when it exists, else the directory of the autoencoder fundax ships by that name.
+
+  Raises:
+    FileNotFoundError: neither, naming the shipped autoencoders.
+  """
+  if pathlib.Path(path).exists():
+    return path
+  if path in shipped_vaes():
+    return str(SHIPPED_VAES / path)
+  raise FileNotFoundError(f"VAE {path!r} is neither a directory nor an autoencoder fundax "
+                          f"ships ({', '.join(shipped_vaes()) or 'none'})")
+
+
 def vae_config_of(path: str) -> vae_lib.VAEConfig:
-  """The architecture of a VAE checkpoint (a configs/vae.py run or a convert directory)."""
+  """The architecture of a VAE checkpoint (a configs/vae.py run, a convert directory or the
+  name of a shipped autoencoder)."""
+  path = resolve_vae(path)
   if is_params_dir(path):
     return vae_lib.VAEConfig.from_diffusers(params_io.load_meta(path, "vae")["config"])
   return vae_lib.VAEConfig.from_diffusers(checkpoint.load_config(path)["models"]["vae"])
@@ -212,7 +238,9 @@ def vae_config_of(path: str) -> vae_lib.VAEConfig:
 
 def load_vae(path: str) -> tuple[vae_lib.VAEConfig, Any]:
   """The VAE config and params of a configs/vae.py run (workdir or checkpoints dir; the EMA
-  params when it has them) or of a `fundax convert vae` directory (e.g. Stable Diffusion's)."""
+  params when it has them), of a `fundax convert vae` directory (e.g. Stable Diffusion's) or
+  of a shipped autoencoder named by `resolve_vae`."""
+  path = resolve_vae(path)
   if is_params_dir(path):
     params, meta = params_io.load_params(path, "vae")
     log.info("frozen VAE from converted params %s", path)

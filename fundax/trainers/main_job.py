@@ -3,7 +3,8 @@
 `run(config, workdir)` runs `STAGES` (configs/main.py) in order:
 
   data       build the phantom dataset, its statistics and a preview grid
-  vae        train the autoencoder (fundax.trainers.vae) on that dataset
+  vae        train the autoencoder (fundax.trainers.vae) on that dataset, or measure the
+             trained one `vae_checkpoint` names (the Quickstart's: the one fundax ships)
   ldm        train the text-conditioned latent diffusion UNet on the VAE's latents
   grids      SYNTHETIC-stamped sample grids, one per DR grade and eye, prompted with captions of
              phantom cases of that grade and eye
@@ -169,8 +170,13 @@ def _trained(outputs: dict[str, str]) -> TrainResult | Unfinished:
 
 
 def vae_stage(job: Job) -> TrainResult | Unfinished:
-  """Trains (or resumes) the VAE in `<workdir>/vae`."""
-  return _trained(vae_trainer.run(job.stage_config("vae"), str(job.workdir / "vae")))
+  """Trains (or resumes) the VAE in `<workdir>/vae`, or, when `vae_checkpoint` names a trained
+  one (the Quickstart's: the autoencoder fundax ships), measures that one on the job's
+  validation split (`fundax.trainers.vae.evaluate`) for the LDM to train on."""
+  config, workdir = job.stage_config("vae"), str(job.workdir / "vae")
+  if job.config.vae_checkpoint:
+    return _trained(vae_trainer.evaluate(config, job.config.vae_checkpoint, workdir))
+  return _trained(vae_trainer.run(config, workdir))
 
 
 def ldm_stage(job: Job) -> TrainResult | Unfinished:
@@ -330,7 +336,7 @@ def report_stage(job: Job) -> ReportResult:
 
 STAGES: list[Stage] = [
     Stage("data", data_stage, DataResult, ("data", "preview")),
-    Stage("vae", vae_stage, TrainResult, ("data", "resolution", "vae")),
+    Stage("vae", vae_stage, TrainResult, ("data", "resolution", "vae", "vae_checkpoint")),
     Stage("ldm", ldm_stage, TrainResult, ("data", "resolution", "ldm")),
     Stage("grids", grids_stage, GridsResult, ("grids",)),
     Stage("evaluator", evaluator_stage, EvaluatorResult,
@@ -353,6 +359,8 @@ def check_config(config: ml_collections.ConfigDict, stages: Sequence[Stage]) -> 
   vae_trainer.validate_config(_with_data(resolved.vae, resolved.data))
   ldm = _with_data(resolved.ldm, resolved.data)
   with ldm.unlocked():  # the LDM trains on the VAE stage's autoencoder: check with its shape
+    if config.vae_checkpoint:
+      ldm.vae_checkpoint = config.vae_checkpoint
     for field in ("block_out_channels", "latent_channels", "norm_num_groups"):
       ldm.vae[field] = resolved.vae.model[field]
   ldm_trainer.validate_config(ldm)

@@ -23,6 +23,7 @@ from fundax import checkpoint
 from fundax import parallel
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import discriminator as disc_lib
+from fundax.models import ldm as ldm_lib
 from fundax.models import vae as vae_lib
 from fundax.train import loop
 from fundax.train import metric_writers
@@ -94,6 +95,85 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   loop.raise_if_invalid(problems, "VAE")
 
 
+def _eval_params(state: state_lib.TrainState):
+  """The params validation and grids read: the EMA when the state tracks it."""
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+class _Measure:
+  """Validation metrics and reconstruction grids of a VAE on a config's validation split."""
+
+  def __init__(self, config, vae, data, tokenizer, mesh):
+    self._config = config
+    self._batches = functools.partial(
+        loop.make_batches, config, data, "validation", tokenizer=tokenizer,
+        max_length=MAX_LENGTH, mesh=mesh, train=False)
+    self._eval_fn = jax.jit(functools.partial(vae_step.vae_eval_step, vae=vae))
+    self._reconstruct = jax.jit(
+        lambda params, x: jnp.clip(vae.apply({"params": params["vae"]}, x), -1.0, 1.0))
+
+  def metrics(self, params) -> dict[str, float]:
+    """Means over the validation split of L1, MSE, PSNR, SSIM and KL ({"vae": ...} params)."""
+    return loop.evaluate(lambda b: self._eval_fn(params, b), self._batches(), BATCH_KEYS)
+
+  def grid(self, path: pathlib.Path, params, *, title: str) -> None:
+    """The first validation images beside their reconstructions, as a PNG at `path`."""
+    num = self._config.num_samples
+    batch = next(self._batches())
+    originals = loop.to_host(batch["image"])[:num]
+    recons = loop.to_host(self._reconstruct(params, batch["image"]))[:num]
+    # Phantom "originals" are synthetic too; real photographs are not stamped.
+    synthetic = loop.to_host(batch["synthetic"])[:num]
+    images = [im for pair in zip(originals, recons) for im in pair]
+    captions = [c for i in range(len(originals))
+                for c in (f"original {i}", f"reconstruction {i}")]
+    loop.save_grid(path, np.stack(images), captions,
+                   synthetic=[flag for s in synthetic for flag in (bool(s), True)], title=title)
+
+
+def evaluate(config: ml_collections.ConfigDict, vae_dir: str, workdir: str) -> dict[str, str]:
+  """Measures a trained VAE on `config`'s validation split instead of training one.
+
+  What a training run's validation hooks write, once, for the autoencoder at `vae_dir` (a
+  `fundax train vae` run, a `fundax convert vae` directory, or the name of one fundax ships,
+  `fundax.models.ldm.resolve_vae`): the "eval" record (L1, MSE, PSNR, SSIM, KL) in
+  `<workdir>/metrics.jsonl` and the reconstruction grid `<workdir>/samples/reconstructions.png`.
+
+  Args:
+    config: a configs/vae.py config (its data, resolution, mesh and validation batch; its
+      `model` and `train` sections are not used).
+    workdir: output directory.
+
+  Returns:
+    As `run`, with "checkpoints" the resolved `vae_dir` (what the LDM loads).
+
+  Raises:
+    ValueError: the config's resolution is not a multiple of the VAE's downsampling.
+  """
+  path = ldm_lib.resolve_vae(vae_dir)
+  vae_config, params = ldm_lib.load_vae(path)
+  if config.resolution % vae_config.downsample_factor:
+    raise ValueError(f"resolution {config.resolution} is not a multiple of the downsampling "
+                     f"factor {vae_config.downsample_factor} of the VAE {path}")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = loop.prepare_data(config, workdir)
+  measure = _Measure(config, vae_lib.AutoencoderKL(vae_config), data,
+                     tokenizer_lib.make_tokenizer(), parallel.make_mesh(config.mesh))
+  params = {"vae": params}
+  writer = metric_writers.MetricWriter(workdir)
+  try:
+    writer.write(0, measure.metrics(params), split="eval")
+  finally:
+    writer.close()
+  samples_dir = workdir / "samples"
+  measure.grid(samples_dir / "reconstructions.png", params,
+               title=f"fundax VAE {pathlib.Path(path).name}: validation images and "
+               "reconstructions")
+  return {"workdir": str(workdir), "metrics": str(writer.jsonl_path), "checkpoints": path,
+          "samples": str(samples_dir)}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Trains (or resumes training) the autoencoder.
 
@@ -153,34 +233,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
                     extras={"data": batches.get_state()})
 
   writer = metric_writers.MetricWriter(workdir, resume_step=int(state.step))
-  eval_fn = jax.jit(functools.partial(vae_step.vae_eval_step, vae=vae))
-  reconstruct = jax.jit(lambda params, x: jnp.clip(vae.apply({"params": params["vae"]}, x),
-                                                   -1.0, 1.0))
-
-  def eval_batches():
-    return loop.make_batches(config, data, "validation", tokenizer=tokenizer,
-                             max_length=MAX_LENGTH, mesh=mesh, train=False)
-
-  def eval_hook(step, state):
-    params = state.ema_params if state.ema_params is not None else state.params
-    metrics = loop.evaluate(lambda b: eval_fn(params, b), eval_batches(), BATCH_KEYS)
-    writer.write(step, metrics, split="eval")
-
+  measure = _Measure(config, vae, data, tokenizer, mesh)
   samples_dir = workdir / "samples"
 
+  def eval_hook(step, state):
+    writer.write(step, measure.metrics(_eval_params(state)), split="eval")
+
   def sample_hook(step, state):
-    params = state.ema_params if state.ema_params is not None else state.params
-    batch = next(eval_batches())
-    originals = loop.to_host(batch["image"])[:config.num_samples]
-    recons = loop.to_host(reconstruct(params, batch["image"]))[:config.num_samples]
-    # Phantom "originals" are synthetic too; real photographs are not stamped.
-    synthetic = loop.to_host(batch["synthetic"])[:config.num_samples]
-    images = [im for pair in zip(originals, recons) for im in pair]
-    captions = [c for i in range(len(originals))
-                for c in (f"original {i}", f"reconstruction {i}")]
-    loop.save_grid(samples_dir / f"step_{step:07d}.png", np.stack(images), captions,
-                   synthetic=[flag for s in synthetic for flag in (bool(s), True)],
-                   title=f"fundax VAE, step {step}: validation images and reconstructions")
+    measure.grid(samples_dir / f"step_{step:07d}.png", _eval_params(state),
+                 title=f"fundax VAE, step {step}: validation images and reconstructions")
 
   try:
     result = loop.train_loop(
