@@ -1,6 +1,6 @@
 """The main job: phantom data -> VAE -> LDM -> grids -> evaluator + Selector -> RLHF -> report.
 
-  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, 19-23 min, 2 CPU cores
+  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, 20-30 min, 2 CPU cores
   fundax main --config configs/main.py --workdir runs/main          # 128 px (an accelerator)
   fundax main --config configs/main.py:test --workdir /tmp/t        # seconds per stage (tests)
 
@@ -11,13 +11,15 @@ checkpoints are the earlier stages' outputs), e.g. `--config.ldm.num_steps=2000`
 `--config.rlhf.num_rounds=4`. The VAE and the LDM train
 on the one dataset `data` (their own `data` sections are dropped) at `resolution`.
 Expect in the workdir: `data/`, `data_stats.json`, `preview.png`; `vae/` and `ldm/` (trainer
-runs: checkpoints, metrics.jsonl, samples/); `grids/dr<G>_<eye>.png` (SYNTHETIC-stamped samples
-for DR grade G and each eye) and `grids/overview.png`; `evaluator/`, `selector/`;
-`rlhf/` (the RLHF run: best/ is the kept model, report/ its curves and before/after grids,
-feedback/ the simulated raters' database); `report/report.html` + `report/metrics.json` (the
-kept model, with the RLHF section); `stages/<stage>.json` (one per finished stage) and
-`summary.json` (per-stage wall and CPU times, key metrics). Rerun the command to resume: finished
-stages are skipped, interrupted training continues from its last checkpoint.
+runs: checkpoints, metrics.jsonl, samples/; with `vae_checkpoint` set, `vae/` holds that VAE's
+validation metrics and samples/reconstructions.png); `grids/dr<G>_<eye>.png`
+(SYNTHETIC-stamped samples for DR grade G and each eye) and `grids/overview.png`;
+`evaluator/`, `selector/`; `rlhf/` (the RLHF run: best/ is the kept model, report/ its curves
+and before/after grids, feedback/ the simulated raters' database); `report/report.html` +
+`report/metrics.json` (the kept model, with the RLHF section); `stages/<stage>.json` (one per
+finished stage) and `summary.json` (per-stage wall and CPU times, key metrics). Rerun the
+command to resume: finished stages are skipped, interrupted training continues from its last
+checkpoint.
 """
 
 import pathlib
