@@ -62,14 +62,14 @@ def recipe(num_steps: int, num_train: int) -> ml_collections.ConfigDict:
   return config
 
 
-def measure(vae_dir: str, data: ml_collections.ConfigDict, num: int) -> tuple[dict, np.ndarray]:
+def measure(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDict,
+            num: int) -> tuple[dict, np.ndarray]:
   """The VAE's readings on the first `num` test-split phantoms, and a grid's images.
 
   PSNR and SSIM of the reconstructions (posterior mean); the anatomy detectors on the
   reconstructions against the originals: the vessel fraction's ratio of means, and the disc
   centre's distance in the original disc's radii where a disc is found in both.
   """
-  vae_config, params = ldm_lib.load_vae(vae_dir)
   vae = vae_lib.AutoencoderKL(vae_config)
   reconstruct = jax.jit(lambda x: jnp.clip(vae.apply({"params": params}, x), -1.0, 1.0))
   x = _images(data, "test", num)
@@ -104,14 +104,14 @@ def _images(data: ml_collections.ConfigDict, split: str, num: int) -> np.ndarray
       features.decode_example(source[i])["image"], data.resolution)) for i in range(num)])
 
 
-def latent_scale(vae_dir: str, data: ml_collections.ConfigDict, num: int = 512) -> float:
+def latent_scale(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDict,
+                 num: int = 512) -> float:
   """1 / the standard deviation of the posterior means of `num` training images.
 
   Stable Diffusion's rule for `scaling_factor` (0.18215 is 1 / 5.49 for its own VAE): the
   UNet then sees latents of unit variance, so the noise schedule's signal-to-noise ratios
   mean what they were designed to mean.
   """
-  vae_config, params = ldm_lib.load_vae(vae_dir)
   vae = vae_lib.AutoencoderKL(vae_config)
   encode = jax.jit(lambda x: vae.apply({"params": params}, x, method="encode").mode())
   x = _images(data, "train", num)
@@ -119,12 +119,11 @@ def latent_scale(vae_dir: str, data: ml_collections.ConfigDict, num: int = 512) 
   return float(1.0 / z.std())
 
 
-def ship(checkpoints: str, data: ml_collections.ConfigDict, readings: dict,
-         recipe_config: dict) -> pathlib.Path:
+def ship(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDict,
+         readings: dict, recipe_config: dict) -> pathlib.Path:
   """Writes the run's final VAE as the shipped params directory `SHIPPED_VAES/NAME`, its
   `scaling_factor` set by `latent_scale`."""
-  vae_config, params = ldm_lib.load_vae(checkpoints)
-  scale = round(latent_scale(checkpoints, data), 5)
+  scale = round(latent_scale(vae_config, params, data), 5)
   target = ldm_lib.SHIPPED_VAES / NAME
   shutil.rmtree(target, ignore_errors=True)
   params_io.save_params(
@@ -153,7 +152,8 @@ def main(argv=None) -> int:
     return 3
   data = config.data.copy_and_resolve_references()
   data.data_dir = data.data_dir or str(pathlib.Path(args.workdir) / "data")
-  readings, grid = measure(outputs["checkpoints"], data, args.num_test)
+  vae_config, params = ldm_lib.load_vae(outputs["checkpoints"])  # the EMA params
+  readings, grid = measure(vae_config, params, data, args.num_test)
   rows = [json.loads(line) for line in pathlib.Path(outputs["metrics"]).read_text().splitlines()]
   train_rows = [r for r in rows if r["split"] == "train"]
   result = {
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
       title=f"fundax VAE {NAME}: held-out phantoms and their reconstructions")
   print(json.dumps(result, indent=2))
   if args.ship:
-    print(f"shipped as {ship(outputs['checkpoints'], data, readings, result['recipe'])}")
+    print(f"shipped as {ship(vae_config, params, data, readings, result['recipe'])}")
   return 0
 
 
