@@ -412,6 +412,19 @@ def abstract_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: 
                       abstract, shardings)
 
 
+# XLA options of a program that runs once (a model's init): no backend optimisation. XLA:CPU
+# otherwise spends seconds optimising the many RNG and elementwise ops of an init to save
+# milliseconds of its one run (configs/main.py:test's VAE and LDM state inits: 14-17 s of
+# compiling at optimisation level 1, 11.6 s at 0; 2 cores, 2026-12-07).
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def jit_once(fn: Callable[..., Any], **jit_kwargs) -> Callable[..., Any]:
+  """`jax.jit(fn, **jit_kwargs)` compiled with RUN_ONCE_OPTIONS: for inits and other programs
+  that run once, whose compile time is all that matters."""
+  return jax.jit(fn, compiler_options=RUN_ONCE_OPTIONS, **jit_kwargs)
+
+
 def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
                  rules: Sequence[Rule] | None = None, *,
                  fsdp_min_size: int = FSDP_MIN_SIZE) -> Any:
@@ -419,7 +432,7 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
 
   `jax.eval_shape` gives the shapes, the rules give the shardings, and one jit with those
   `out_shardings` materialises each shard on its device: no full copy of a large model ever
-  lives on one device or host.
+  lives on one device or host. It runs once, so it is compiled by `jit_once`.
 
   Args:
     init_fn: rng -> state (or params), a pure function of the key.
@@ -434,7 +447,7 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
   shardings = jax.tree.map(lambda x: x.sharding,
                            abstract_sharded(init_fn, rng, mesh, rules,
                                             fsdp_min_size=fsdp_min_size))
-  return jax.jit(init_fn, in_shardings=replicated(mesh), out_shardings=shardings)(rng)
+  return jit_once(init_fn, in_shardings=replicated(mesh), out_shardings=shardings)(rng)
 
 
 def jit_step(step_fn: Callable[..., tuple[Any, Any]], state_shardings: Any,

@@ -85,3 +85,16 @@ def test_maybe_initialize_distributed(monkeypatch):
   calls.clear()
   monkeypatch.setenv(parallel.COORDINATOR_ENV, "10.0.0.1:1234")
   assert parallel.maybe_initialize_distributed(None) and calls == [1]
+
+
+def test_jit_once_computes_what_jit_computes():
+  """An init compiled without backend optimisation draws the same bits and the same params
+  (to float32 rounding: XLA's optimiser may fuse a multiply-add differently)."""
+  def init(key):
+    bits = jax.random.bits(key, (64,))
+    return bits, jax.random.truncated_normal(key, -2.0, 2.0, (64, 64)) * 0.02
+
+  (bits, weights), (bits_once, weights_once) = jax.jit(init)(jax.random.key(3)), (
+      parallel.jit_once(init)(jax.random.key(3)))
+  np.testing.assert_array_equal(bits_once, bits)
+  np.testing.assert_allclose(weights_once, weights, rtol=0, atol=1e-8)

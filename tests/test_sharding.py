@@ -71,9 +71,9 @@ def test_params_created_sharded():
   assert params["Dense_0"]["kernel"].sharding.spec == P("fsdp", None)
   assert params["Dense_1"]["kernel"].sharding.spec == P(None, "fsdp")
   assert params["Dense_0"]["bias"].sharding.is_fully_replicated  # no rule matches
-  # Same values as an unsharded init: sharding changes placement, not numbers.
+  # Same values as an unsharded init compiled alike: sharding changes placement, not numbers.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
-               jax.device_get(toy_model.init_params(jax.random.key(0))))
+               jax.device_get(parallel.jit_once(toy_model.init_params)(jax.random.key(0))))
 
 
 def test_donation_and_single_trace():

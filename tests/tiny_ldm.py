@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fundax import checkpoint
+from fundax import parallel
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.models import bert
 from fundax.models import ldm as ldm_lib
@@ -37,10 +38,9 @@ def tiny_models(text_mask=True):
 
 
 def run_init(init, key):
-  """`init(key)` as one jitted program compiled without backend optimisation: run op by op, an
-  init compiles a program per op, and XLA:CPU spends ~30 s optimising the many RNG ops of an
-  init, which runs once."""
-  return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(key)
+  """`init(key)` as one program compiled by `parallel.jit_once` (run op by op, an init compiles
+  a program per op)."""
+  return parallel.jit_once(init)(key)
 
 
 def init_params(models, seed=0):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fundax import parallel
 from fundax.data import labels as labels_lib
 from fundax.eval import consistency
 from fundax.interop import params_io
@@ -201,10 +202,8 @@ def init_params(model: FundusEvaluator, rng: jax.Array, resolution: int) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _jitted_init(model: FundusEvaluator, resolution: int):
-  # Compiled without backend optimisation: XLA:CPU otherwise spends tens of seconds
-  # optimising the RNG ops of a program that runs once.
   init = lambda key: model.init(key, jnp.zeros((1, resolution, resolution, 3)))["params"]
-  return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})
+  return parallel.jit_once(init)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fundax import checkpoint
+from fundax import parallel
 from fundax.data import tokenizer as tokenizer_lib
 from fundax.diffusion import schedules
 from fundax.interop import params_io
@@ -304,7 +305,7 @@ def build_models(config: ml_collections.ConfigDict, rng: jax.Array):
                 "(smoke tests only)")
     vae_config = fresh_vae_config(config)
     image = jnp.zeros((1, config.resolution, config.resolution, 3))
-    vae_params = jax.jit(vae_lib.AutoencoderKL(vae_config).init)(rng, image)["params"]
+    vae_params = parallel.jit_once(vae_lib.AutoencoderKL(vae_config).init)(rng, image)["params"]
   if config.resolution % vae_config.downsample_factor:
     raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's "
                      f"downsampling factor {vae_config.downsample_factor}")

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fundax import parallel
 from fundax.interop import hf_bert, params_io
 from fundax.models.bert import BertConfig, BertModel
 
@@ -275,7 +276,7 @@ def load_text_encoder(spec: str | os.PathLike | None = DEFAULT_SPEC,
   if spec == "random":
     encoder = TextEncoder(FALLBACK_CONFIG, projection_dim, dtype=dtype, param_dtype=param_dtype)
     ids = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(encoder.init)(rng, ids)["params"]
+    params = parallel.jit_once(encoder.init)(rng, ids)["params"]
     log.info("Initialised a random BERT text encoder (%d layers, hidden %d)",
              FALLBACK_CONFIG.num_hidden_layers, FALLBACK_CONFIG.hidden_size)
     return encoder, params, None
