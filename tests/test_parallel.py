@@ -98,3 +98,20 @@ def test_jit_once_computes_what_jit_computes():
       parallel.jit_once(init)(jax.random.key(3)))
   np.testing.assert_array_equal(bits_once, bits)
   np.testing.assert_allclose(weights_once, weights, rtol=0, atol=1e-8)
+
+
+def test_inits_compile_with_the_run_once_options(monkeypatch):
+  """`init_sharded` compiles through `jit_once`, whose jit carries RUN_ONCE_OPTIONS (no backend
+  optimisation): the options are what makes an init cheap to compile."""
+  jit, options = jax.jit, []
+
+  def spy(fn, **kwargs):
+    options.append(kwargs.get("compiler_options"))
+    return jit(fn, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", spy)
+  mesh = parallel.make_mesh({"data": -1})
+  params = parallel.init_sharded(lambda key: {"w": jax.random.normal(key, (8, 4))},
+                                 jax.random.key(0), mesh)
+  assert params["w"].shape == (8, 4)
+  assert options and options[-1] == {"xla_backend_optimization_level": 0}
