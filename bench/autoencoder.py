@@ -32,8 +32,6 @@ import numpy as np
 from fundax import configlib
 from fundax import images as images_lib
 from fundax.data import datasets
-from fundax.data.builders import features
-from fundax.data import pipeline
 from fundax.data.config import data_config
 from fundax.eval import anatomy_checks
 from fundax.interop import params_io
@@ -72,7 +70,7 @@ def measure(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDi
   """
   vae = vae_lib.AutoencoderKL(vae_config)
   reconstruct = jax.jit(lambda x: jnp.clip(vae.apply({"params": params}, x), -1.0, 1.0))
-  x = _images(data, "test", num)
+  x = datasets.read_split(data, "test", num, resolution=data.resolution)[0]
   recons = np.concatenate([np.asarray(reconstruct(x[i:i + 16])) for i in range(0, num, 16)])
   psnr = 10 * np.log10(4.0 / np.maximum(np.mean((recons - x) ** 2, axis=(1, 2, 3)), 1e-10))
   ssim = np.asarray(vae_step.ssim(jnp.asarray(x), jnp.asarray(recons)))
@@ -97,13 +95,6 @@ def measure(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDi
   }, grid
 
 
-def _images(data: ml_collections.ConfigDict, split: str, num: int) -> np.ndarray:
-  """The first `num` images of a split, float [N, R, R, 3] in [-1, 1]."""
-  source = datasets.load_from_config(data, split)
-  return np.stack([pipeline.to_float(pipeline.resize(
-      features.decode_example(source[i])["image"], data.resolution)) for i in range(num)])
-
-
 def latent_scale(vae_config: vae_lib.VAEConfig, params, data: ml_collections.ConfigDict,
                  num: int = 512) -> float:
   """1 / the standard deviation of the posterior means of `num` training images.
@@ -114,7 +105,7 @@ def latent_scale(vae_config: vae_lib.VAEConfig, params, data: ml_collections.Con
   """
   vae = vae_lib.AutoencoderKL(vae_config)
   encode = jax.jit(lambda x: vae.apply({"params": params}, x, method="encode").mode())
-  x = _images(data, "train", num)
+  x = datasets.read_split(data, "train", num, resolution=data.resolution)[0]
   z = np.concatenate([np.asarray(encode(x[i:i + 64])) for i in range(0, num, 64)])
   return float(1.0 / z.std())
 

@@ -16,6 +16,8 @@ single process (`-n 0`) every test sees 8 devices, the setting the suite was fir
 """
 
 import atexit
+import collections
+import json
 import os
 import shutil
 import tempfile
@@ -136,3 +138,58 @@ def main_job_test_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("main_job")
   config = configlib.load_config("configs/main.py:test")
   return config, workdir, main_job.run(config, str(workdir))
+
+
+# Where the suite's time goes: seconds of XLA compiling (cache hits included, at a few ms each)
+# and compiles per test module, summed over the workers and printed after the run.
+# FUNDAX_TEST_COMPILE_LOG names a file that also gets one JSON line per compile (test, function,
+# seconds), to find the programs worth sharing.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = collections.defaultdict(lambda: [0.0, 0])  # module -> [seconds, compiles]
+_running = {"nodeid": "(collection)"}
+
+
+def _record_compile(event, duration, **kwargs):
+  if event != _COMPILE_EVENT:
+    return
+  nodeid = _running["nodeid"]
+  entry = _compiles[nodeid.split("::", 1)[0]]
+  entry[0] += duration
+  entry[1] += 1
+  if os.environ.get("FUNDAX_TEST_COMPILE_LOG"):
+    with open(os.environ["FUNDAX_TEST_COMPILE_LOG"], "a", encoding="utf-8") as f:
+      f.write(json.dumps({"test": nodeid, "fun": kwargs.get("fun_name"), "s": duration}) + "\n")
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("dsession"):
+    from jax import monitoring  # pylint: disable=g-import-not-at-top
+    monitoring.register_event_duration_secs_listener(_record_compile)
+
+
+def pytest_runtest_logstart(nodeid, location):
+  del location
+  _running["nodeid"] = nodeid
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: hand them to the controller
+    session.config.workeroutput["compiles"] = dict(_compiles)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, on the controller
+def pytest_testnodedown(node, error):
+  del error
+  for module, (seconds, count) in getattr(node, "workeroutput", {}).get("compiles", {}).items():
+    _compiles[module][0] += seconds
+    _compiles[module][1] += count
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not _compiles:
+    return
+  total = sum(s for s, _ in _compiles.values())
+  terminalreporter.write_sep("=", f"XLA compiling: {total:.0f} s in "
+                             f"{sum(n for _, n in _compiles.values())} compiles; top modules")
+  for module, (seconds, count) in sorted(_compiles.items(), key=lambda kv: -kv[1][0])[:15]:
+    terminalreporter.write_line(f"{seconds:8.1f} s {count:5d} compiles  {module}")

@@ -84,6 +84,12 @@ def test_build_from_job_config(data_dir):
   assert summary["splits"] == {"train": 3, "validation": 2, "test": 2}
   assert len(datasets.load_from_config(config, "test")) == 2
   assert datasets.stats_from_config(config)["total"]["num_examples"] == 7
+  # The first examples of a split, decoded and resized to floats in [-1, 1], with their labels.
+  images, labels = datasets.read_split(config, "train", 5, resolution=16)
+  assert images.shape == (3, 16, 16, 3) and images.dtype == np.float32 and len(labels) == 3
+  assert -1.0 <= images.min() < images.max() <= 1.0
+  assert [l.dr_grade for l in labels] == [phantom.generate(
+      fundus_phantom.split_seed("train", i), resolution=RES).labels.dr_grade for i in range(3)]
 
 
 def test_split_seeds_are_disjoint_and_deterministic():

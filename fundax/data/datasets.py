@@ -13,6 +13,7 @@ import logging
 import pathlib
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from fundax.data import labels as labels_lib
@@ -209,6 +210,21 @@ def load_from_config(data_config, split: str):
   """`load` for the dataset a job config's `data` section describes."""
   name, kw = _config_kwargs(data_config)
   return load(name, split, data_config.data_dir, **kw)
+
+
+def read_split(data_config, split: str, num: int, *, resolution: int):
+  """The first `num` examples of a split of a job config's dataset, decoded: (images float
+  [N, R, R, 3] in [-1, 1] at `resolution`, their labels). What the main job's evaluation and
+  the benchmarks read their reference and held-out images with."""
+  from fundax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fundax.data.builders import features  # pylint: disable=g-import-not-at-top
+  source = load_from_config(data_config, split)
+  examples = [features.decode_example(source[i]) for i in range(min(num, len(source)))]
+  if not examples:
+    raise ValueError(f"the {split} split of {data_config.name} is empty")
+  images = np.stack([pipeline.to_float(pipeline.resize(e["image"], resolution))
+                     for e in examples])
+  return images, [e["labels"] for e in examples]
 
 
 def stats_from_config(data_config) -> dict[str, Any]:

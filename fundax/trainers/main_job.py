@@ -53,9 +53,7 @@ from fundax.data import captions as captions_lib
 from fundax.data import datasets
 from fundax.data import labels as labels_lib
 from fundax.data import phantom
-from fundax.data import pipeline
 from fundax.data import preview
-from fundax.data.builders import features
 from fundax.eval import evaluator_train
 from fundax.eval import report as eval_report
 from fundax.eval import run as eval_run
@@ -130,17 +128,6 @@ def _last_row(metrics_path: str, split: str) -> dict[str, float]:
       if row.get("split") == split:
         last = row
   return {k: v for k, v in last.items() if k not in ("split", "time")}
-
-
-def _decode_split(data: ml_collections.ConfigDict, split: str, num: int, *, resolution: int):
-  """The first `num` examples of a split: (images float [N, R, R, 3] in [-1, 1], labels)."""
-  source = datasets.load_from_config(data, split)
-  examples = [features.decode_example(source[i]) for i in range(min(num, len(source)))]
-  if not examples:
-    raise ValueError(f"the {split} split of {data.name} is empty")
-  images = np.stack([pipeline.to_float(pipeline.resize(e["image"], resolution))
-                     for e in examples])
-  return images, [e["labels"] for e in examples]
 
 
 def data_stage(job: Job) -> DataResult:
@@ -315,7 +302,7 @@ def report_stage(job: Job) -> ReportResult:
   evaluated = eval_run.evaluate_checkpoint(
       model, str(out_dir), evaluator_dir=results.evaluator.evaluator_dir,
       selector_dir=results.selector.workdir,
-      data=functools.partial(_decode_split, job.data, resolution=job.config.resolution),
+      data=functools.partial(datasets.read_split, job.data, resolution=job.config.resolution),
       num_prompts=r.num_prompts, num_reference=r.num_reference, num_heldout=job.data.num_test,
       config={"samples_per_prompt": r.samples_per_prompt, "num_steps": r.sampler_steps,
               "guidance_scale": r.guidance_scale, "seed": job.config.seed,
