@@ -140,8 +140,8 @@ def main_job_test_run(tmp_path_factory):
   return config, workdir, main_job.run(config, str(workdir))
 
 
-# Where the suite's time goes: seconds of XLA compiling (cache hits included, at a few ms each)
-# and compiles per test module, summed over the workers and printed after the run.
+# Where the suite's time goes: seconds of XLA compiling (persistent-cache hits included) and
+# compiles per test module, summed over the workers and printed after the run.
 # FUNDAX_TEST_COMPILE_LOG names a file that also gets one JSON line per compile (test, function,
 # seconds), to find the programs worth sharing.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -162,9 +162,9 @@ def _record_compile(event, duration, **kwargs):
 
 
 def pytest_configure(config):
-  if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("dsession"):
-    from jax import monitoring  # pylint: disable=g-import-not-at-top
-    monitoring.register_event_duration_secs_listener(_record_compile)
+  del config
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+  monitoring.register_event_duration_secs_listener(_record_compile)
 
 
 def pytest_runtest_logstart(nodeid, location):
