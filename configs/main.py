@@ -108,7 +108,7 @@ def get_config(arg=None):
     v.eval_every = v.sample_every = v.checkpoint_every = 2 if test else 150
     v.eval_batch_size = 8
     u.max_length = 8 if test else 160  # tokens: the longest phantom caption (146) is not cut
-    u.num_steps = 2 if test else 1500
+    u.num_steps = 2 if test else 2400  # the compute study (README, "The generator")
     u.batch_size = 8 if test else 16
     # test: one level (the tests check the job's wiring; fewer UNet programs' ops to compile)
     u.unet.block_out_channels = (32,) if test else (32, 64)
