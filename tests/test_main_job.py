@@ -1,8 +1,10 @@
 """The main job end to end on configs/main.py:test: every stage's outputs, resume, bad config;
-its typed stage results through JSON, and its report going through `fundax evaluate`'s function.
+its typed stage results through JSON, its report going through `fundax evaluate`'s function,
+and bench/compute_study.py reading its targets from that report.
 """
 
 import dataclasses
+import importlib.util
 import json
 import re
 
@@ -363,3 +365,24 @@ def test_report_stage_calls_the_evaluate_command_function(tmp_path, monkeypatch)
       metrics_json=str(tmp_path / "report" / "metrics.json"), model="/w/rlhf/best",
       samples=str(tmp_path / "report" / "samples"), accepted_by_selector=0.25,
       metrics={"KID": {"generated": 0.5, "phantoms": 0.0, "control": 1.0}})
+
+
+def test_the_compute_study_reads_its_targets_from_a_main_job_report(job):
+  """bench/compute_study.py's reading of one budget: the report's figures, unchanged."""
+  spec = importlib.util.spec_from_file_location("compute_study", "bench/compute_study.py")
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  _, workdir, _ = job
+  row = study.readings(workdir)
+  metrics = json.loads((workdir / "report" / "metrics.json").read_text())
+  fd = next(r for r in metrics["table"] if r["metric"] == study.FD_ROW)
+  assert row["disc_side_macula"] == metrics["anatomy"]["laterality"]["accuracy_macula"]
+  assert row["vessel_ratio"] == metrics["anatomy"]["vessel_ratio"]
+  assert row["laterality_agreement"] == metrics["consistency"]["laterality"]["accuracy"]
+  assert row["field_agreement"] == metrics["consistency"]["field"]["accuracy"]
+  assert row["fd_over_floor"] == pytest.approx(fd["generated"] / fd["phantoms"])
+  assert row["c2st_accuracy"] == metrics["c2st"]["generated"]["accuracy"]
+  assert row["ldm_seconds"] > 0
+  assert study.met(0.9, 0.9, "min") and not study.met(0.89, 0.9, "min")
+  assert study.met(2.9, 3.0, "max") and not study.met(0.5, (0.6, 1.4), "range")
+  assert study.met(0.84, None, "report") is None
