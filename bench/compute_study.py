@@ -42,10 +42,12 @@ TARGETS = (
     ("c2st_accuracy", "C2ST accuracy (0.5 = indistinguishable)", None, "report"),
 )
 FD_ROW = "Fréchet distance (evaluator features)"
+CONFIG = "configs/main.py:tiny"
 
 
 def budget_config(budget: int, cache_dir: pathlib.Path):
-  config = configlib.load_config("configs/main.py:tiny")
+  """The Quickstart's config with an LDM of `budget` steps on the study's shared cache."""
+  config = configlib.load_config(CONFIG)
   return configlib.apply_overrides(config, [f"ldm.num_steps={budget}",
                                             f"ldm.cache.dir={cache_dir}"])
 
@@ -75,6 +77,7 @@ def readings(workdir: pathlib.Path) -> dict:
 
 
 def met(value, target, direction) -> bool | None:
+  """Whether `value` meets `target` ("min", "max", "range" (lo, hi)); None for "report"."""
   if direction == "min":
     return value >= target
   if direction == "max":
@@ -152,14 +155,14 @@ def main(argv=None) -> int:
   out_dir.mkdir(parents=True, exist_ok=True)
   stem = out_dir / f"compute_{args.name}"
   plot(results, stem.with_suffix(".png"),
-       f"configs/main.py:{args.name}: the LDM at {len(results)} budgets (no RLHF), "
+       f"{CONFIG}: the LDM at {len(results)} budgets (no RLHF), "
        f"{datetime.date.today().isoformat()}")
   samples_grid(runs, out_dir / f"compute_{args.name}_samples.png",
                config.report.samples_per_prompt)
   stem.with_suffix(".json").write_text(json.dumps({
       "benchmark": "compute vs quality of the Quickstart's generator (issue 18, part 3)",
       "command": "python bench/compute_study.py " + " ".join(argv),
-      "date": datetime.date.today().isoformat(), "config": f"configs/main.py:{args.name}",
+      "date": datetime.date.today().isoformat(), "config": CONFIG,
       "targets": [{"key": k, "label": l, "target": t, "direction": d}
                   for k, l, t, d in TARGETS],
       "budgets": results}, indent=2, default=float) + "\n")

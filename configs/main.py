@@ -1,6 +1,6 @@
 """The main job: phantom data -> VAE -> LDM -> grids -> evaluator + Selector -> RLHF -> report.
 
-  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, ~18 min on 2 idle CPU cores
+  fundax main --config configs/main.py:tiny --workdir runs/tiny     # 64 px, ~18 min on 2 CPU cores
   fundax main --config configs/main.py --workdir runs/main          # 128 px (an accelerator)
   fundax main --config configs/main.py:test --workdir /tmp/t        # seconds per stage (tests)
 
